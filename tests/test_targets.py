@@ -1,0 +1,114 @@
+"""Matching, sampling and mask targets (torchvision's Matcher as reference)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection._utils import Matcher
+
+from maskrcnn_jax import ops, targets
+from maskrcnn_jax.targets import Assignment
+from tests.torch_ref import random_boxes
+
+
+def _torch_match(gt, cand, high, low, low_quality):
+    m = Matcher(high, low, allow_low_quality_matches=low_quality)
+    idx = m(torchvision.ops.box_iou(torch.from_numpy(gt), torch.from_numpy(cand))).numpy()
+    assignment = np.where(idx >= 0, 1, np.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+    return idx, assignment
+
+
+def test_match_equals_torchvision_matcher():
+    rng = np.random.default_rng(0)
+    anchors = np.asarray(ops.generate_anchors((128, 160), (8, 16), ((32,), (64,))))
+    gt = random_boxes(rng, (6,), (128, 160), min_size=10, max_size=80)
+    for high, low, lq in [(0.7, 0.3, True), (0.5, 0.5, False)]:
+        ref_idx, ref_assign = _torch_match(gt, anchors, high, low, lq)
+        # Two padded slots must change nothing.
+        gt_pad = np.concatenate([gt, np.zeros((2, 4), np.float32)])
+        valid = np.array([True] * 6 + [False] * 2)
+        matched, assign = jax.jit(
+            lambda a, g, v: targets.match(a, g, v, jnp.zeros(8, bool), high, low, lq)
+        )(anchors, gt_pad, valid)
+        np.testing.assert_array_equal(assign, ref_assign)
+        pos = ref_assign == 1
+        assert pos.sum() > 0
+        np.testing.assert_array_equal(np.asarray(matched)[pos], ref_idx[pos])
+
+
+def test_crowd_is_ignored_not_background():
+    cand = jnp.array([[0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110]], jnp.float32)
+    gt = jnp.array([[0, 0, 10, 10], [40, 40, 80, 80]], jnp.float32)
+    _, assign = targets.match(cand, gt, jnp.array([True, True]), jnp.array([False, True]), 0.7, 0.3, True)
+    np.testing.assert_array_equal(assign, [Assignment.POSITIVE, Assignment.IGNORE, Assignment.NEGATIVE])
+
+
+def test_no_ground_truth_is_all_negative():
+    cand = jnp.ones((5, 4)) * jnp.array([0, 0, 4, 4.0])
+    matched, assign = targets.match(cand, jnp.zeros((0, 4)), jnp.zeros(0, bool), jnp.zeros(0, bool), 0.7, 0.3, True)
+    chex.assert_shape(matched, (5,))
+    assert bool(jnp.all(assign == Assignment.NEGATIVE))
+
+
+def test_sample_balanced_counts_and_randomness():
+    assign = jnp.array([Assignment.POSITIVE] * 300 + [Assignment.NEGATIVE] * 500 + [Assignment.IGNORE] * 50)
+    pos, neg = targets.sample_balanced(assign, jax.random.key(0), 256, 0.5)
+    assert int(pos.sum()) == 128 and int(neg.sum()) == 128
+    assert not bool((pos & (assign != Assignment.POSITIVE)).any())
+    assert not bool((neg & (assign != Assignment.NEGATIVE)).any())
+    pos2, _ = targets.sample_balanced(assign, jax.random.key(1), 256, 0.5)
+    assert bool((pos != pos2).any())
+    few = jnp.array([Assignment.POSITIVE] * 3 + [Assignment.NEGATIVE] * 1000)
+    pos, neg = targets.sample_balanced(few, jax.random.key(0), 256, 0.5)
+    assert int(pos.sum()) == 3 and int(neg.sum()) == 253
+
+
+def test_roi_targets_layout():
+    rng = np.random.default_rng(1)
+    gt = random_boxes(rng, (4,), (200, 200), min_size=20, max_size=80)
+    gt_labels = np.array([3, 1, 2, 5], np.int32)
+    props = np.concatenate([gt + rng.normal(scale=3, size=gt.shape).astype(np.float32) for _ in range(10)] + [random_boxes(rng, (300,), (200, 200), min_size=5)])
+    out = jax.jit(lambda *a: targets.roi_targets(*a, num_samples=64, positive_fraction=0.25))(
+        props, np.ones(len(props), bool), gt, gt_labels, np.ones(4, bool), np.zeros(4, bool), jax.random.key(0)
+    )
+    chex.assert_shape(out.rois, (64, 4))
+    npos = int(out.positive.sum())
+    assert 0 < npos <= 16 and bool(out.positive[:npos].all()) and not bool(out.positive[npos:].any())
+    assert int(out.valid.sum()) == 64
+    iou = np.asarray(ops.box_iou(out.rois, gt))
+    np.testing.assert_array_equal(np.asarray(out.labels)[:npos], gt_labels[np.asarray(out.matched)[:npos]])
+    assert (iou[np.arange(64), np.asarray(out.matched)][:npos] >= 0.5).all()
+    assert (iou[npos:].max(axis=1) < 0.5).all()
+    np.testing.assert_allclose(
+        ops.decode_boxes(out.deltas[:npos], out.rois[:npos], ops.ROI_BOX_WEIGHTS),
+        gt[np.asarray(out.matched)[:npos]], atol=1e-3,
+    )
+
+
+def _disk_mask(h, w, cy, cx, r):
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= r * r).astype(np.float32)
+
+
+def test_mask_targets_from_cropped_masks_match_full_resolution():
+    """Targets from 64x64 box crops agree with targets from the full mask."""
+    rng = np.random.default_rng(2)
+    h = w = 128
+    full = np.stack([_disk_mask(h, w, 40, 50, 25), _disk_mask(h, w, 80, 70, 35)])
+    ys, xs = np.nonzero(full[0]); box0 = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    ys, xs = np.nonzero(full[1]); box1 = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    gt_boxes = np.array([box0, box1], np.float32)
+    s = 64
+    crops = ops.roi_align(full[..., None], gt_boxes[:, None], s, 1.0, 2, aligned=True)[:, 0, ..., 0]
+    crops = (crops >= 0.5).astype(jnp.float32)
+    matched = rng.integers(0, 2, size=40).astype(np.int32)
+    rois = gt_boxes[matched] + rng.normal(scale=6, size=(40, 4)).astype(np.float32)
+    ours = targets.mask_targets(crops, gt_boxes, rois, matched)
+    full_res = ops.roi_align(full[matched][..., None], rois[:, None], 28, 1.0, 2, aligned=True)
+    ref = np.asarray(full_res)[:, 0, ..., 0] >= 0.5
+    inter = np.logical_and(np.asarray(ours) > 0, ref).sum((1, 2))
+    union = np.logical_or(np.asarray(ours) > 0, ref).sum((1, 2))
+    iou = inter / np.maximum(union, 1)
+    assert iou.mean() > 0.95 and iou.min() > 0.85, iou
