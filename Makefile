@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 CONFIG ?= experiments/shapes.py
 WORKDIR ?= runs/shapes
 
-.PHONY: test install install-dev clean
+.PHONY: train test install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ $(DEV_STAMP): requirements-dev.txt $(STAMP)
 
 install: $(STAMP)
 install-dev: $(DEV_STAMP)
+
+# Trains CONFIG into WORKDIR (resuming if it already holds checkpoints), then
+# evaluates on the validation split and draws a few predictions.
+train: $(STAMP)
+	$(PY) -m maskrcnn_jax.train --config $(CONFIG) --workdir $(WORKDIR)
+	@echo "Metrics: $(WORKDIR)/metrics.jsonl   Pictures: $(WORKDIR)/pictures/"
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest tests -q

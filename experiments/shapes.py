@@ -1,0 +1,60 @@
+"""The CPU default: a small GroupNorm ResNet-18-FPN learns the shapes dataset.
+
+Run (what `make train` does):
+  python -m maskrcnn_jax.train --config experiments/shapes.py --workdir runs/shapes
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from base import get_base_config  # noqa: E402
+
+from maskrcnn_jax.modeling import get_model_config  # noqa: E402
+
+
+def get_config():
+    config = get_base_config()
+    config.model = get_model_config(
+        num_classes=4,  # background + circle, square, triangle
+        depth=18,
+        backbone_width=32,
+        norm="gn",  # trained from scratch: no frozen statistics
+        freeze_at=0,
+        fpn_channels=64,
+        head_norm="gn",
+        anchor_sizes=[16, 32, 64, 128, 256],
+        rpn_pre_nms_top_n_train=1000,
+        rpn_post_nms_top_n_train=256,
+        rpn_pre_nms_top_n_test=500,
+        rpn_post_nms_top_n_test=200,
+        detections_per_img=50,
+        box_candidates=500,
+        representation_size=256,
+        mask_head_dim=64,
+        min_size=128,
+        max_size=128,
+        roi_align_impl="reference",
+    )
+    config.dataset.image_size = (128, 128)
+    config.dataset.num_workers = 1
+
+    train = config.train
+    train.steps = 1500
+    train.batch_size = 8
+    train.base_lr = 0.04
+    train.reference_batch_size = 16
+    train.warmup_steps = 100
+    train.decay_steps = (1100, 1400)
+    train.clip_norm = 10.0
+    train.roi_batch_size_per_image = 128
+    train.rpn_batch_size_per_image = 128
+
+    config.log_every = 25
+    config.checkpoint_every = 250
+    config.eval_every = 0  # evaluate once, at the end
+    config.num_pictures = 4
+    return config
