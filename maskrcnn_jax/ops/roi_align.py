@@ -176,7 +176,8 @@ def _pool_einsum(features: jnp.ndarray, index: jnp.ndarray, weight: jnp.ndarray)
     Its transpose is a single scatter-add, the fast backward on CPU (the
     unrolled form would transpose into K scatters).
     """
-    taps = features.at[index].get(mode="promise_in_bounds").astype(jnp.float32)
+    # Cast before the gather so that the transpose accumulates in float32.
+    taps = features.astype(jnp.float32).at[index].get(mode="promise_in_bounds")
     return jnp.einsum("...k,...kc->...c", weight, taps)
 
 
@@ -371,10 +372,11 @@ def get_roi_align_levels(impl: str):
     """Returns the :func:`roi_align_levels` implementation named ``impl``.
 
     ``"reference"``: the vmap implementation here; ``"pallas"``: the fused
-    kernel; ``"auto"``: Pallas on GPU/TPU, reference on CPU.
+    kernel; ``"auto"``: Pallas on GPU, the reference on CPU and TPU.
     """
     if impl == "auto":
-        impl = "reference" if jax.default_backend() == "cpu" else "pallas"
+        # The kernel gathers rows from HBM, which Mosaic (TPU) cannot lower.
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl == "reference":
         return roi_align_levels
     if impl == "pallas":
