@@ -1,0 +1,100 @@
+"""Evaluation inside training: COCO AP on the validation split, and pictures.
+
+The validation split is read in COCO format so that training reports exactly
+what ``python -m maskrcnn_jax.evaluate`` would: for ``coco`` datasets the
+user's ``val_annotations`` / ``val_images``; for ``shapes`` its validation
+split written once as COCO JSON + PNGs under ``WORKDIR/shapes_val``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from maskrcnn_jax import evaluate, visualize
+from maskrcnn_jax.image_io import load_image
+
+SUMMARY = ("AP", "AP50", "AP75")
+
+
+def validation_set(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+    """(annotations json, images dir) of the validation split in COCO format."""
+    ds = config.dataset
+    if ds.name == "coco":
+        return ds.val_annotations, ds.val_images
+    from maskrcnn_jax.data import write_shapes_coco
+
+    out = os.path.join(workdir, "shapes_val")
+    ann = os.path.join(out, "annotations", "instances_validation.json")
+    if os.path.exists(ann):
+        return ann, os.path.join(out, "validation")
+    s = ds.shapes
+    return write_shapes_coco(
+        out, "validation", s.num_val, s.image_size, s.seed,
+        min_shapes=s.min_shapes, max_shapes=s.max_shapes, min_size=s.min_size, max_size=s.max_size,
+    )
+
+
+def evaluate_during_training(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    model_config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int,
+    pictures: int = 0,
+) -> dict[str, float]:
+    """COCO bbox and segm metrics as flat ``{"bbox_AP": ..., "segm_AP": ...}``.
+
+    With ``pictures > 0`` the first validation images are also drawn with
+    their predictions into ``WORKDIR/pictures/``.
+    """
+    from maskrcnn_jax.inference import Predictor
+
+    predictor = Predictor(variables, model_config)
+    ann, images_dir = validation_set(config, workdir)
+    metrics = evaluate.run_evaluation(
+        predictor, ann, images_dir, max_images=config.eval_max_images or None, verbose=False
+    )
+    flat = {f"{t}_{k}": float(v) for t in ("bbox", "segm") for k, v in metrics.get(t, {}).items()}
+    flat["eval_images"] = metrics["images"]
+    logging.info(
+        "step %d: %s", step, ", ".join(f"{k}={flat[k]:.3f}" for k in flat if k.split("_", 1)[1] in SUMMARY)
+    )
+    if pictures:
+        draw_pictures(predictor, ann, images_dir, os.path.join(workdir, "pictures"), pictures)
+    return flat
+
+
+def draw_pictures(predictor, annotations: str, images_dir: str, out_dir: str, count: int) -> list[str]:
+    """Draws the predictions on the first ``count`` images of ``annotations``."""
+    import json
+
+    from maskrcnn_jax.predict import default_class_names
+
+    with open(annotations) as f:
+        images = sorted(json.load(f)["images"], key=lambda im: im["id"])[:count]
+    os.makedirs(out_dir, exist_ok=True)
+    names = default_class_names(predictor.model_config)
+    written = []
+    arrays = [load_image(os.path.join(images_dir, im["file_name"])) for im in images]
+    for im, array, pred in zip(images, arrays, predictor(arrays)):
+        path = os.path.join(out_dir, os.path.splitext(os.path.basename(im["file_name"]))[0] + ".png")
+        # Shapes images are small: draw at 4x so that labels are legible.
+        scale = max(1, 512 // max(array.shape[:2]))
+        if scale > 1:
+            array, pred = _upscale(array, pred, scale)
+        visualize.draw_predictions(array, pred, names, score_threshold=0.5).save(path)
+        written.append(path)
+    return written
+
+
+def _upscale(image: np.ndarray, pred: dict, scale: int):
+    image = np.repeat(np.repeat(image, scale, 0), scale, 1)
+    pred = dict(pred)
+    pred["boxes"] = np.asarray(pred["boxes"]) * scale
+    pred["masks"] = np.repeat(np.repeat(np.asarray(pred["masks"]), scale, 1), scale, 2)
+    return image, pred
