@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from maskrcnn_jax import evaluate, visualize
+from maskrcnn_jax import coco_eval, evaluate, visualize
 from maskrcnn_jax.image_io import load_image
 
 SUMMARY = ("AP", "AP50", "AP75")
@@ -78,7 +78,7 @@ def draw_pictures(predictor, annotations: str, images_dir: str, out_dir: str, co
     with open(annotations) as f:
         images = sorted(json.load(f)["images"], key=lambda im: im["id"])[:count]
     os.makedirs(out_dir, exist_ok=True)
-    names = default_class_names(predictor.model_config)
+    names = default_class_names(coco_eval.model_config_of(predictor))
     written = []
     arrays = [load_image(os.path.join(images_dir, im["file_name"])) for im in images]
     for im, array, pred in zip(images, arrays, predictor(arrays)):
