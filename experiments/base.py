@@ -43,7 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.log_every = 20
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
-    config.eval_every = 10_000
+    config.eval_every = 10_000  # 0 = no periodic evaluation
+    config.eval_at_end = True
     config.eval_max_images = 0  # 0 = the whole validation split
     config.num_pictures = 4  # prediction pictures written at the end
     return config

@@ -43,18 +43,18 @@ def get_config():
     config.dataset.num_workers = 1
 
     train = config.train
-    train.steps = 1500
+    train.steps = 500
     train.batch_size = 8
     train.base_lr = 0.04
     train.reference_batch_size = 16
     train.warmup_steps = 100
-    train.decay_steps = (1100, 1400)
+    train.decay_steps = (380, 470)
     train.clip_norm = 10.0
     train.roi_batch_size_per_image = 128
     train.rpn_batch_size_per_image = 128
 
     config.log_every = 25
     config.checkpoint_every = 250
-    config.eval_every = 0  # evaluate once, at the end
+    config.eval_every = 0  # evaluate once, at the end (eval_at_end)
     config.num_pictures = 4
     return config

@@ -65,5 +65,6 @@ def get_config():
     config.log_every = 1
     config.checkpoint_every = 2
     config.eval_every = 0
+    config.eval_at_end = False
     config.num_pictures = 0
     return config

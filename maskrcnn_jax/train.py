@@ -525,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last.update(_evaluate(config, state, model_config, writer, step, workdir))
         manager.wait_until_finished()
     progress.close()
-    if config.eval_every:
+    if config.eval_at_end:
         last.update(_evaluate(config, state, model_config, writer, total, workdir, pictures=config.num_pictures))
     writer.close()
     train_iter.close()
