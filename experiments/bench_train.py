@@ -1,0 +1,184 @@
+"""Train-step benchmark on CPU: our jitted step against torchvision's train mode.
+
+Run:  .venv/bin/python experiments/bench_train.py [--repeats 3] [--instances 8]
+
+Both models start from the same random weights (torchvision's
+``maskrcnn_resnet50_fpn`` initialisation, converted), batch 2, two 800x1067
+images (padded to 800x1088 by both) with the same ground-truth instances.
+
+- ours: one ``jax.jit`` train step (RPN + RoI sampling, the five losses,
+  backward, SGD with momentum and weight decay), float32, state donated;
+- torchvision: ``model(images, targets)`` in train mode, ``backward()`` and
+  ``torch.optim.SGD.step()``.
+
+Each side runs in its own subprocess so that its peak resident memory
+(``ru_maxrss``) is its own. Reported: compile time (ours), steady-state median
+seconds per step, their ratio, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HEIGHT, WIDTH, PADDED = 800, 1067, (800, 1088)
+
+
+def _scene(num_instances: int, seed: int = 0):
+    """Two images with ellipse instances: images, full masks, boxes, labels."""
+    rng = np.random.default_rng(seed)
+    images, masks, boxes, labels = [], [], [], []
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    for _ in range(2):
+        img = rng.integers(0, 255, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+        m, b = [], []
+        for _ in range(num_instances):
+            cy, cx = rng.uniform(100, HEIGHT - 100), rng.uniform(100, WIDTH - 100)
+            ry, rx = rng.uniform(20, 90), rng.uniform(20, 90)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            ys, xs = np.nonzero(mask)
+            m.append(mask.astype(np.uint8))
+            b.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        images.append(img)
+        masks.append(np.stack(m))
+        boxes.append(np.asarray(b, np.float32))
+        labels.append(rng.integers(1, 91, size=num_instances).astype(np.int64))
+    return images, masks, boxes, labels
+
+
+def _torch_model():
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+
+
+def run_ours(repeats: int, num_instances: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from maskrcnn_jax import convert, ops, train
+    from maskrcnn_jax.modeling import MaskRCNN
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    from coco_r50_fpn_1x import get_config
+
+    sd = {k: v.numpy() for k, v in _torch_model().state_dict().items()}
+    config = get_config()
+    config.model = convert.config_from_state_dict(sd, dtype="float32", roi_align_impl="reference")
+    variables = convert.convert_torchvision_state_dict(sd, config.model)
+    config.train.batch_size = 2
+
+    images, masks, boxes, labels = _scene(num_instances)
+    image = np.zeros((2, *PADDED, 3), np.uint8)
+    image[:, :HEIGHT, :WIDTH] = np.stack(images)
+    crop = 56
+    crops = [
+        ops.roi_align(m[..., None].astype(np.float32), b[:, None], crop, 1.0, 2, aligned=True)[:, 0, ..., 0]
+        for m, b in zip(masks, boxes)
+    ]
+    batch = {
+        "image": image,
+        "image_size": np.array([[HEIGHT, WIDTH]] * 2, np.int32),
+        "boxes": np.stack(boxes),
+        "labels": np.stack(labels).astype(np.int32),
+        "masks": (np.stack([np.asarray(c) for c in crops]) >= 0.5).astype(np.uint8),
+        "is_crowd": np.zeros((2, num_instances), bool),
+        "valid": np.ones((2, num_instances), bool),
+    }
+    optimizer = train.make_optimizer(config, variables["params"])
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"], constants=variables["constants"],
+        opt_state=optimizer.init(variables["params"]), rng=jax.random.key(0),
+        bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32),
+    )
+    step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
+    batch = jax.device_put(batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {
+        "step_s": float(np.median(times)), "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_torchvision(repeats: int, num_instances: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = _torch_model().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    images, masks, boxes, labels = _scene(num_instances)
+    timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
+    targets = [
+        {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(l), "masks": torch.from_numpy(m)}
+        for b, l, m in zip(boxes, labels, masks)
+    ]
+
+    def step():
+        losses = model(timgs, targets)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "step_s": float(np.median(times)), "loss": loss,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only:
+        fn = run_ours if args.only == "ours" else run_torchvision
+        print(json.dumps(fn(args.repeats, args.instances)))
+        return
+    results = {}
+    for which in ("ours", "torchvision"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--only", which, "--repeats", str(args.repeats),
+             "--instances", str(args.instances)],
+            check=True, capture_output=True, text=True,
+        )
+        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, tv = results["ours"], results["torchvision"]
+    print(f"cpu cores={os.cpu_count()} batch=2 images={HEIGHT}x{WIDTH} instances={args.instances}")
+    print(f"{'':12} {'s/step':>8} {'compile s':>10} {'peak MB':>8}")
+    print(f"{'ours':12} {ours['step_s']:8.2f} {ours['compile_s']:10.1f} {ours['peak_mb']:8.0f}")
+    print(f"{'torchvision':12} {tv['step_s']:8.2f} {'':>10} {tv['peak_mb']:8.0f}")
+    print(f"ratio ours/torchvision: {ours['step_s'] / tv['step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
