@@ -34,6 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     train.rpn_positive_fraction = 0.5
     train.roi_batch_size_per_image = 512
     train.roi_positive_fraction = 0.25
+    # Mask-head slots per image. 0 = every possible positive (512 * 0.25 =
+    # 128), exact but the mask head's cost is then fixed at its maximum; a
+    # smaller cap trains on a random subset of the positives when there are more.
+    train.mask_rois_per_image = 0
     train.max_bad_steps = 10  # stop after this many consecutive non-finite steps
 
     init = config.init = ml_collections.ConfigDict()

@@ -63,7 +63,7 @@ def _torch_model():
     return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
 
 
-def run_ours(repeats: int, num_instances: int) -> dict:
+def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -78,6 +78,7 @@ def run_ours(repeats: int, num_instances: int) -> dict:
     config.model = convert.config_from_state_dict(sd, dtype="float32", roi_align_impl="reference")
     variables = convert.convert_torchvision_state_dict(sd, config.model)
     config.train.batch_size = 2
+    config.train.mask_rois_per_image = mask_rois
 
     images, masks, boxes, labels = _scene(num_instances)
     image = np.zeros((2, *PADDED, 3), np.uint8)
@@ -158,22 +159,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--mask-rois", type=int, default=0, help="train.mask_rois_per_image (0 = 128)")
     parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
-        fn = run_ours if args.only == "ours" else run_torchvision
-        print(json.dumps(fn(args.repeats, args.instances)))
+        if args.only == "ours":
+            result = run_ours(args.repeats, args.instances, args.mask_rois)
+        else:
+            result = run_torchvision(args.repeats, args.instances)
+        print(json.dumps(result))
         return
     results = {}
     for which in ("ours", "torchvision"):
         out = subprocess.run(
             [sys.executable, __file__, "--only", which, "--repeats", str(args.repeats),
-             "--instances", str(args.instances)],
+             "--instances", str(args.instances), "--mask-rois", str(args.mask_rois)],
             check=True, capture_output=True, text=True,
         )
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
     ours, tv = results["ours"], results["torchvision"]
-    print(f"cpu cores={os.cpu_count()} batch=2 images={HEIGHT}x{WIDTH} instances={args.instances}")
+    print(
+        f"cpu cores={os.cpu_count()} batch=2 images={HEIGHT}x{WIDTH} instances={args.instances}"
+        f" mask_rois_per_image={args.mask_rois or 128}"
+    )
     print(f"{'':12} {'s/step':>8} {'compile s':>10} {'peak MB':>8}")
     print(f"{'ours':12} {ours['step_s']:8.2f} {ours['compile_s']:10.1f} {ours['peak_mb']:8.0f}")
     print(f"{'torchvision':12} {tv['step_s']:8.2f} {'':>10} {tv['peak_mb']:8.0f}")

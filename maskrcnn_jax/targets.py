@@ -200,7 +200,8 @@ def roi_targets(
     at IoU 0.5 and ``num_samples`` are drawn with at most ``positive_fraction``
     positive. Slots are ordered positives first, then negatives, then unused
     (``valid`` False), so the first ``int(num_samples * positive_fraction)``
-    slots hold every positive: the mask head runs on just those.
+    slots hold every positive, in random order: the mask head runs on a
+    prefix of them.
 
     Args:
       proposals: [P, 4] xyxy; proposal_valid: [P] bool.
@@ -217,11 +218,12 @@ def roi_targets(
         crowd_ioa_threshold,
     )
     assignment = jnp.where(cand_valid, assignment, Assignment.IGNORE)
-    positive, negative = sample_balanced(assignment, key, num_samples, positive_fraction)
-    # Positives first, then negatives, each in random order (their rank is
-    # already random, so a tie-free key: 2 - rank/n for pos, 1 - rank/n for neg).
+    k_sample, k_order = jax.random.split(key)
+    positive, negative = sample_balanced(assignment, k_sample, num_samples, positive_fraction)
+    # Positives first, then negatives, each in random order.
     n = candidates.shape[0]
-    order_key = jnp.where(positive, 3.0, jnp.where(negative, 2.0, 0.0)) - jnp.arange(n) / n
+    shuffle = 0.5 * jax.random.uniform(k_order, (n,))
+    order_key = jnp.where(positive, 3.0, jnp.where(negative, 2.0, 0.0)) + shuffle
     _, slots = jax.lax.top_k(order_key, num_samples) if n >= num_samples else jax.lax.top_k(
         jnp.pad(order_key, (0, num_samples - n), constant_values=-1.0), num_samples
     )

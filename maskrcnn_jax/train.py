@@ -197,8 +197,11 @@ def compute_losses(
         class_logits, box_deltas, roi_t.labels, roi_t.deltas, roi_t.valid, tc.smooth_l1_beta
     )
 
-    # Positives come first in the RoI slots: the mask head runs on that prefix.
+    # Positives come first in the RoI slots, in random order: the mask head
+    # runs on a prefix that holds every positive (or, with a smaller
+    # train.mask_rois_per_image, a uniform random subset of them).
     p = int(tc.roi_batch_size_per_image * tc.roi_positive_fraction)
+    p = min(p, int(tc.get("mask_rois_per_image") or p))
     mask_rois = roi_t.rois[:, :p]
     mask_logits = model.apply(variables, feats, mask_rois, method=MaskRCNN.mask_head)
     m = mask_logits.shape[2]
