@@ -1,0 +1,123 @@
+"""Building blocks shared by the backbone, FPN and heads (NHWC, HWIO kernels).
+
+Convolutions take torch's symmetric padding explicitly (Flax's ``"SAME"``
+pads stride-2 convs asymmetrically, which would not match converted
+weights). Parameters are float32; compute runs in the module's ``dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def torch_kaiming_uniform(fan_axes: tuple[int, ...] = (0, 1, 2)):
+    """torch's default conv / linear weight init (kaiming_uniform, a=sqrt(5))."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in = math.prod(shape[a] for a in fan_axes)
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# torchvision's ResNet / mask head init: kaiming_normal(mode="fan_out", relu).
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def group_norm_groups(channels: int, groups: int = 32) -> int:
+    """Largest divisor of ``channels`` that is <= ``groups`` (32 for real widths)."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+    """[B, H, W, Cin] x [kh, kw, Cin, Cout] -> [B, H', W', Cout], torch padding."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+class ConvNorm(nn.Module):
+    """Conv followed by a normalisation, optionally ReLU.
+
+    ``norm``: ``"frozen_bn"`` (no conv bias; the frozen scale is folded into
+    the kernel), ``"gn"`` (no conv bias; GroupNorm with trainable affine) or
+    ``"none"`` (conv bias).
+
+    Variables: params ``kernel [k, k, Cin, Cout]``; plus ``bias [Cout]`` for
+    ``"none"``, ``gn/{scale,bias}`` for ``"gn"``; for ``"frozen_bn"`` the
+    constants ``scale`` and ``bias [Cout]`` (``weight / sqrt(running_var + eps)``
+    and ``beta - running_mean * scale``, written by the converter; identity
+    when fresh), never trained.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int | None = None  # default: kernel_size // 2
+    norm: str = "none"
+    relu: bool = False
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = None  # default: torch's conv init
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [B, H, W, Cin] -> [B, H', W', features]."""
+        k = self.kernel_size
+        pad = k // 2 if self.padding is None else self.padding
+        init = self.kernel_init or torch_kaiming_uniform()
+        kernel = self.param("kernel", init, (k, k, x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        if self.norm == "frozen_bn":
+            # Folded batch norm: y = conv(x, w) * scale + bias = conv(x, w * scale) + bias.
+            shape = (self.features,)
+            scale = self.variable("constants", "scale", jnp.ones, shape, jnp.float32).value
+            bias = self.variable("constants", "bias", jnp.zeros, shape, jnp.float32).value
+            y = conv2d(x, kernel * scale, self.stride, pad) + bias.astype(self.dtype)
+        elif self.norm == "gn":
+            y = conv2d(x, kernel, self.stride, pad)
+            y = nn.GroupNorm(
+                num_groups=group_norm_groups(self.features),
+                epsilon=1e-5,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="gn",
+            )(y)
+        elif self.norm == "none":
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = conv2d(x, kernel, self.stride, pad) + bias.astype(self.dtype)
+        else:
+            raise ValueError(f"norm must be 'frozen_bn', 'gn' or 'none', got {self.norm!r}")
+        return nn.relu(y) if self.relu else y
+
+
+class Dense(nn.Module):
+    """Linear layer with torch's default init; float32 params, ``dtype`` compute."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = None
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: [..., Din] -> [..., features]."""
+        init = self.kernel_init or torch_kaiming_uniform(fan_axes=(0,))
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        return jnp.dot(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)

@@ -1,0 +1,334 @@
+"""Mask R-CNN with a ResNet-FPN backbone, equal to torchvision's ``maskrcnn_resnet50_fpn``.
+
+Data flow of :meth:`MaskRCNN.__call__` (one jit, static shapes):
+normalise -> ResNet C2..C5 -> FPN P2..P6 -> RPN logits/deltas -> proposals
+(top-n per level, decode, clip, NMS per level) -> box head -> detections
+(per-class decode, softmax, threshold, class-aware NMS) -> mask head on the
+detections -> sigmoid of the predicted class's map.
+
+The stages are also methods (``features``, ``rpn``, ``box_head``,
+``mask_head``) for training::
+
+    feats = model.apply(variables, images, image_sizes, method=MaskRCNN.features)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maskrcnn_jax.modeling.box_head import BoxHead, detect
+from maskrcnn_jax.modeling.fpn import FPN
+from maskrcnn_jax.modeling.mask_head import MaskHead
+from maskrcnn_jax.modeling.resnet import ResNet
+from maskrcnn_jax.modeling.rpn import RPNHead, propose
+from maskrcnn_jax.ops import generate_anchors, num_anchors_per_level
+
+FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
+
+
+def anchors_for(config: ml_collections.ConfigDict, image_size: Sequence[int]):
+    """Anchors [A, 4] and anchors per level of a padded input (static, numpy).
+
+    Args:
+      image_size: (H, W) of the padded network input.
+    """
+    sizes = tuple((float(s),) for s in config.anchor_sizes)
+    ratios = tuple(float(r) for r in config.aspect_ratios)
+    size = (int(image_size[0]), int(image_size[1]))
+    anchors = generate_anchors(size, FPN_STRIDES, sizes, ratios)
+    return anchors, num_anchors_per_level(size, FPN_STRIDES, len(ratios))
+
+
+def normalize_images(
+    images: jnp.ndarray,
+    image_sizes: jnp.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> jnp.ndarray:
+    """torchvision's ``GeneralizedRCNNTransform`` normalisation, padding re-zeroed.
+
+    Args:
+      images: [B, H, W, 3] float RGB in 0..255 (padding content is ignored).
+      image_sizes: [B, 2] int (h, w) of each image inside the padding.
+
+    Returns:
+      [B, H, W, 3] float32 ``(x / 255 - mean) / std`` inside each image, 0 in
+      the padding (torchvision pads after normalising).
+    """
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    h, w = images.shape[1:3]
+    inside = (jnp.arange(h)[None, :, None] < image_sizes[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < image_sizes[:, 1, None, None]
+    )  # [B, H, W]
+    return jnp.where(inside[..., None], x, 0.0)
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN; see the module docstring.
+
+    Attributes:
+      config: from :func:`maskrcnn_jax.modeling.get_model_config`.
+    """
+
+    config: ml_collections.ConfigDict
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.backbone = ResNet(c.depth, c.norm, c.freeze_at, c.backbone_width, dtype)
+        self.fpn = FPN(c.fpn_channels, c.head_norm, dtype)
+        self.rpn_head = RPNHead(len(c.aspect_ratios), c.fpn_channels, c.head_norm, dtype)
+        self.roi_box_head = BoxHead(
+            c.num_classes,
+            c.representation_size,
+            c.box_roi_size,
+            c.sampling_ratio,
+            c.roi_align_impl,
+            dtype,
+        )
+        self.roi_mask_head = MaskHead(
+            c.num_classes,
+            c.mask_head_dim,
+            4,
+            c.head_norm,
+            c.mask_roi_size,
+            c.sampling_ratio,
+            c.roi_align_impl,
+            dtype,
+        )
+
+    def _check_images(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [B, H, W, 3], got {tuple(images.shape)}")
+        if images.shape[1] % 32 or images.shape[2] % 32:
+            raise ValueError(
+                f"image height and width must be multiples of 32, got {images.shape[1:3]}"
+            )
+        if image_sizes.shape != (images.shape[0], 2):
+            raise ValueError(
+                f"image_sizes must be [{images.shape[0]}, 2], got {tuple(image_sizes.shape)}"
+            )
+
+    def features(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> list[jnp.ndarray]:
+        """FPN features.
+
+        Args:
+          images: [B, H, W, 3] float RGB 0..255, H and W multiples of 32,
+            each image at the top-left of its padding.
+          image_sizes: [B, 2] int (h, w) of each image inside the padding.
+
+        Returns:
+          [P2, P3, P4, P5, P6], P_l [B, ceil(H / 2^l), ceil(W / 2^l), fpn_channels]
+          in the compute dtype.
+        """
+        image_sizes = jnp.asarray(image_sizes, jnp.int32)
+        self._check_images(images, image_sizes)
+        c = self.config
+        x = normalize_images(images, image_sizes, c.image_mean, c.image_std)
+        return self.fpn(self.backbone(x.astype(jnp.dtype(c.dtype))))
+
+    def rpn(self, features: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """RPN outputs of every anchor.
+
+        Args:
+          features: [P2..P6] from :meth:`features`.
+
+        Returns:
+          objectness: [B, A] float32 logits; deltas: [B, A, 4] float32; in the
+          order of ``anchors_for(config, (H, W))``.
+        """
+        return self.rpn_head(features)
+
+    def box_head(
+        self, features: Sequence[jnp.ndarray], rois: jnp.ndarray
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Box head on regions.
+
+        Args:
+          features: [P2..P6] (P6 unused).
+          rois: [B, R, 4] xyxy padded-input pixels.
+
+        Returns:
+          class_logits [B, R, K] float32, box_deltas [B, R, K, 4] float32.
+        """
+        return self.roi_box_head(features, rois)
+
+    def mask_head(self, features: Sequence[jnp.ndarray], rois: jnp.ndarray) -> jnp.ndarray:
+        """Mask logits of every class.
+
+        Args:
+          features: [P2..P6] (P6 unused).
+          rois: [B, R, 4] xyxy padded-input pixels.
+
+        Returns:
+          [B, R, 28, 28, K] float32 logits.
+        """
+        return self.roi_mask_head(features, rois)
+
+    def proposals(
+        self,
+        objectness: jnp.ndarray,
+        deltas: jnp.ndarray,
+        image_shape: Sequence[int],
+        image_sizes: jnp.ndarray,
+        train: bool = False,
+    ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """:func:`~maskrcnn_jax.modeling.rpn.propose` with this config's settings.
+
+        Args:
+          objectness, deltas: from :meth:`rpn`.
+          image_shape: static (H, W) of the padded input.
+          image_sizes: [B, 2] int.
+          train: use the train-time top-n.
+
+        Returns:
+          boxes [B, P, 4], scores [B, P], valid [B, P] (no gradient).
+        """
+        c = self.config
+        anchors, level_sizes = anchors_for(c, image_shape)
+        pre = c.rpn_pre_nms_top_n_train if train else c.rpn_pre_nms_top_n_test
+        post = c.rpn_post_nms_top_n_train if train else c.rpn_post_nms_top_n_test
+        return propose(
+            objectness,
+            deltas,
+            anchors,
+            image_sizes,
+            level_sizes,
+            pre,
+            post,
+            c.rpn_nms_thresh,
+            c.rpn_min_size,
+            c.rpn_score_thresh,
+        )
+
+    def __call__(
+        self, images: jnp.ndarray, image_sizes: jnp.ndarray, intermediates: bool = False
+    ) -> dict[str, Any]:
+        """Inference.
+
+        Args:
+          images: [B, H, W, 3] float RGB 0..255, H and W multiples of 32.
+          image_sizes: [B, 2] int (h, w) of each image inside the padding.
+          intermediates: also return ``features`` ([P2..P6]), ``proposals``
+            [B, P, 4], ``proposal_scores`` [B, P] and ``proposal_valid`` [B, P]
+            (for debugging and parity tests).
+
+        Returns:
+          dict, D = ``detections_per_img``, coordinates in padded-input pixels:
+            boxes [B, D, 4] xyxy, scores [B, D], labels [B, D] int32,
+            masks [B, D, 28, 28] float32 probabilities of the predicted class
+            (in the box frame), valid [B, D] bool. Slots are sorted by
+            descending score; invalid slots hold zeros.
+        """
+        c = self.config
+        image_sizes = jnp.asarray(image_sizes, jnp.int32)
+        feats = self.features(images, image_sizes)
+        objectness, deltas = self.rpn(feats)
+        proposals, proposal_scores, proposal_valid = self.proposals(
+            objectness, deltas, images.shape[1:3], image_sizes
+        )
+        class_logits, box_deltas = self.box_head(feats, proposals)
+        boxes, scores, labels, valid = detect(
+            class_logits,
+            box_deltas,
+            proposals,
+            proposal_valid,
+            image_sizes,
+            c.box_score_thresh,
+            c.box_nms_thresh,
+            c.box_min_size,
+            c.detections_per_img,
+            c.box_candidates,
+        )
+        masks = self.detection_masks(feats, boxes, labels, valid)
+        out = {"boxes": boxes, "scores": scores, "labels": labels, "masks": masks, "valid": valid}
+        if intermediates:
+            out.update(
+                features=feats,
+                proposals=proposals,
+                proposal_scores=proposal_scores,
+                proposal_valid=proposal_valid,
+            )
+        return out
+
+    def detection_masks(
+        self,
+        features: Sequence[jnp.ndarray],
+        boxes: jnp.ndarray,
+        labels: jnp.ndarray,
+        valid: jnp.ndarray,
+    ) -> jnp.ndarray:
+        """Mask probabilities of detections, the head run only on the slots needed.
+
+        Valid detections fill a prefix of the D slots (see ``detect``). The
+        mask head, the costliest per-detection stage, runs on the shortest of
+        a few static prefixes (D/8, D/4, D/2, D) that holds every image's
+        detections, chosen at run time by ``lax.switch``; so, as in
+        torchvision, a few detections cost little.
+
+        Args:
+          features: [P2..P6].
+          boxes: [B, D, 4] detection boxes; labels: [B, D] int; valid: [B, D].
+
+        Returns:
+          [B, D, 28, 28] float32 sigmoid probabilities of each slot's class,
+          zeros in invalid slots.
+        """
+        d = boxes.shape[1]
+        counts = sorted({-(-d // f) for f in (8, 4, 2, 1)})  # ceil(D / f), e.g. 13 .. 100
+
+        def branch(n):
+            def run(module, feats, boxes, labels):
+                logits = module.roi_mask_head(feats, boxes[:, :n], labels[:, :n])  # [B, n, M, M]
+                return jnp.pad(logits, ((0, 0), (0, d - n), (0, 0), (0, 0)))
+
+            return run
+
+        needed = jnp.max(jnp.sum(valid, axis=1))
+        index = jnp.searchsorted(jnp.asarray(counts), needed)  # first prefix >= needed
+        logits = nn.switch(index, [branch(n) for n in counts], self, features, boxes, labels)
+        return jnp.where(valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
+
+    def initialize(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> Any:
+        """Touches every submodule cheaply (no NMS); used by :func:`init_model`."""
+        feats = self.features(images, image_sizes)
+        self.rpn(feats)
+        rois = jnp.tile(jnp.asarray([[[0.0, 0.0, 16.0, 16.0]]]), (images.shape[0], 1, 1))
+        self.box_head(feats, rois)
+        return self.mask_head(feats, rois)
+
+
+def init_model(
+    config: ml_collections.ConfigDict,
+    key: jax.Array,
+    image_size: Sequence[int] = (64, 64),
+) -> dict[str, Any]:
+    """Fresh variables of :class:`MaskRCNN`.
+
+    Args:
+      config: model config.
+      key: PRNG key.
+      image_size: (H, W) of the dummy input (multiples of 32; the variables do
+        not depend on it).
+
+    Returns:
+      ``{"params": ..., "constants": ...}`` (``"constants"`` only with
+      ``norm="frozen_bn"``: the folded batch-norm scale and bias, identity).
+    """
+    model = MaskRCNN(config)
+    h, w = int(image_size[0]), int(image_size[1])
+    images = jnp.zeros((1, h, w, 3), jnp.float32)
+    sizes = jnp.asarray(np.array([[h, w]], np.int32))
+    # Initialisers draw from an "rbg" key derived from `key`: XLA compiles its
+    # RngBitGenerator several times faster than threefry for ~100 parameters.
+    rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    init = jax.jit(lambda k: model.init(k, images, sizes, method=MaskRCNN.initialize))
+    return dict(init(rbg_key))

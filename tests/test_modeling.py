@@ -1,0 +1,376 @@
+"""Model modules on tiny configs: shapes, jit, dtypes, variants, freezing, and
+the proposal / detection steps and converter against torchvision."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
+from maskrcnn_jax.modeling.box_head import detect
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+IMAGE_SHAPE = (64, 96)
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """A ResNet-18, width-8 Mask R-CNN that compiles and runs in seconds on CPU."""
+    fields = {
+        "depth": 18,
+        "backbone_width": 8,
+        "fpn_channels": 16,
+        "representation_size": 32,
+        "mask_head_dim": 16,
+        "num_classes": 4,
+        "min_size": 64,
+        "max_size": 96,
+        "rpn_pre_nms_top_n_test": 64,
+        "rpn_post_nms_top_n_test": 32,
+        "box_candidates": 64,
+        "detections_per_img": 8,
+        "box_score_thresh": 0.0,
+        "roi_align_impl": "reference",
+    }
+    fields.update(overrides)
+    return get_model_config(**fields)
+
+
+def random_images(batch: int = 2, shape=IMAGE_SHAPE, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (batch, *shape, 3)).astype(np.float32)
+    sizes = np.array([shape, (shape[0] - 14, shape[1] - 27)][:batch], np.int32)
+    return jnp.asarray(images), jnp.asarray(sizes)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config()
+    return config, init_model(config, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tiny):
+    """Jitted inference with intermediates on two images, and the jitted function."""
+    config, variables = tiny
+    fn = jax.jit(lambda v, x, s: MaskRCNN(config).apply(v, x, s, intermediates=True))
+    images, sizes = random_images()
+    return fn, jax.device_get(fn(variables, images, sizes))
+
+
+def test_config_defaults_and_json():
+    c = get_model_config()
+    assert (c.num_classes, c.depth, c.norm, c.freeze_at, c.fpn_channels) == (
+        91,
+        50,
+        "frozen_bn",
+        2,
+        256,
+    )
+    assert (c.min_size, c.max_size, c.detections_per_img) == (800, 1333, 100)
+    again = ml_collections.ConfigDict(json.loads(c.to_json()))
+    assert again.to_dict() == c.to_dict()
+    with pytest.raises(KeyError):
+        get_model_config(num_clases=3)
+    with pytest.raises(ValueError, match="norm"):
+        get_model_config(norm="bn")
+
+
+def test_inference_shapes_and_single_compilation(tiny, tiny_out):
+    config, variables = tiny
+    fn, out = tiny_out
+    d = config.detections_per_img
+    assert out["boxes"].shape == (2, d, 4) and out["scores"].shape == (2, d)
+    assert out["labels"].dtype == np.int32 and out["valid"].dtype == np.bool_
+    assert out["masks"].shape == (2, d, 28, 28)
+    v, labels, boxes = out["valid"], out["labels"], out["boxes"]
+    assert v.any()
+    assert (labels[v] >= 1).all() and (labels[v] < config.num_classes).all()
+    assert (boxes[1][v[1]][:, 2] <= 70 + 1e-4).all() and (boxes[1][v[1]][:, 3] <= 50 + 1e-4).all()
+    masks, scores = out["masks"], out["scores"]
+    assert (masks >= 0).all() and (masks <= 1).all() and (masks[~v] == 0).all()
+    assert (np.diff(scores[0][v[0]]) <= 0).all()
+    assert [f.shape[1:3] for f in out["features"]] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert out["proposals"].shape == (2, config.rpn_post_nms_top_n_test, 4)
+    # New values, same shapes: no recompilation.
+    images, sizes = random_images(seed=1)
+    fn(variables, images, sizes - 3)
+    assert fn._cache_size() == 1
+
+
+def test_stage_methods(tiny):
+    config, variables = tiny
+    rois = jnp.tile(
+        jnp.asarray([[[0.0, 0.0, 30.0, 20.0], [5.0, 5.0, 60.0, 50.0], [0, 0, 0, 0]]]), (2, 1, 1)
+    )
+    labels = jnp.asarray([[1, 2, 3], [3, 1, 2]])
+
+    def stages(module, images, sizes):
+        feats = module.features(images, sizes)
+        objectness, deltas = module.rpn(feats)
+        logits, box_deltas = module.box_head(feats, rois)
+        return {
+            "feats": feats,
+            "objectness": objectness,
+            "deltas": deltas,
+            "logits": logits,
+            "box_deltas": box_deltas,
+            "masks": module.mask_head(feats, rois),
+            "chosen": module.roi_mask_head(feats, rois, labels),
+        }
+
+    def partial_masks(module, images, sizes):
+        # Two valid detections per image: the short prefix branch runs.
+        feats = module.features(images, sizes)
+        valid = jnp.asarray([[True, True, False], [True, False, False]])
+        return module.detection_masks(feats, rois, labels, valid)
+
+    partial = jax.jit(lambda v, x, s: MaskRCNN(config).apply(v, x, s, method=partial_masks))(
+        variables, *random_images()
+    )
+    out = jax.jit(lambda v, x, s: MaskRCNN(config).apply(v, x, s, method=stages))(
+        variables, *random_images()
+    )
+    assert all(f.shape[-1] == config.fpn_channels for f in out["feats"])
+    anchors, _ = anchors_for(config, IMAGE_SHAPE)
+    assert out["objectness"].shape == (2, anchors.shape[0])
+    assert out["deltas"].shape == (2, anchors.shape[0], 4)
+    assert out["logits"].shape == (2, 3, 4) and out["box_deltas"].shape == (2, 3, 4, 4)
+    assert out["masks"].shape == (2, 3, 28, 28, 4)
+    # The inference path computes only the labelled channel: same values.
+    np.testing.assert_allclose(
+        out["chosen"],
+        jnp.take_along_axis(out["masks"], labels[:, :, None, None, None], -1)[..., 0],
+        atol=1e-5,
+    )
+    full = jax.nn.sigmoid(out["chosen"])
+    np.testing.assert_allclose(partial[0, :2], full[0, :2], atol=1e-6)
+    np.testing.assert_allclose(partial[1, :1], full[1, :1], atol=1e-6)
+    assert float(jnp.abs(partial[0, 2:]).sum() + jnp.abs(partial[1, 1:]).sum()) == 0
+
+
+def test_bfloat16_compute(tiny, tiny_out):
+    _, variables = tiny
+    _, ref = tiny_out
+    config16 = tiny_config(dtype="bfloat16")
+    out = jax.jit(lambda v, x, s: MaskRCNN(config16).apply(v, x, s, intermediates=True))(
+        variables, *random_images()
+    )
+    assert all(f.dtype == jnp.bfloat16 for f in out["features"])
+    assert out["boxes"].dtype == jnp.float32 and bool(jnp.isfinite(out["masks"]).all())
+    assert jax.tree.leaves(variables)[0].dtype == jnp.float32
+    # bf16 features follow the float32 ones loosely.
+    f16, f32 = np.asarray(out["features"][0], np.float32), ref["features"][0]
+    assert np.abs(f16 - f32).max() / np.abs(f32).max() < 0.1
+
+
+def _backbone_grads(config, variables):
+    model = MaskRCNN(config)
+    images, sizes = random_images(1)
+
+    def loss(params):
+        feats = model.apply(
+            {**variables, "params": params}, images, sizes, method=MaskRCNN.features
+        )
+        return sum(jnp.sum(f.astype(jnp.float32) ** 2) for f in feats)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    assert np.isfinite(float(value))
+    return {
+        k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(v)))
+        for k, v in grads["backbone"].items()
+    }
+
+
+def test_group_norm_variant_and_frozen_stages():
+    config = tiny_config(norm="gn", head_norm="gn")
+    variables = init_model(config, jax.random.key(1))
+    assert "constants" not in variables
+    assert "gn" in variables["params"]["backbone"]["conv1"]
+    assert "gn" in variables["params"]["fpn"]["inner_0"]
+    assert "gn" in variables["params"]["roi_mask_head"]["mask_fcn1"]
+    grads = _backbone_grads(config, variables)  # freeze_at=2: stem and layer1
+    frozen = [k for k in grads if k == "conv1" or k.startswith("layer1_")]
+    assert frozen and all(grads[k] == 0 for k in frozen)
+    assert all(grads[k] > 0 for k in grads if k not in frozen)
+    grads = _backbone_grads(tiny_config(norm="gn", head_norm="gn", freeze_at=0), variables)
+    assert all(g > 0 for g in grads.values())
+
+
+def test_resnet18_backbone_matches_torchvision():
+    """Basic blocks + converter: C2..C5 equal torchvision's resnet18."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    from maskrcnn_jax.convert import convert_torchvision_backbone
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.0)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    config = get_model_config(depth=18, num_classes=2)
+    backbone = convert_torchvision_backbone(
+        {k: v.numpy() for k, v in net.state_dict().items()}, config
+    )
+    x = np.random.default_rng(0).normal(size=(1, 64, 96, 3)).astype(np.float32)
+    getter = IntermediateLayerGetter(net, {f"layer{i}": str(i) for i in range(1, 5)})
+    with torch.no_grad():
+        ref = [
+            t.permute(0, 2, 3, 1).numpy()
+            for t in getter(torch.from_numpy(x).permute(0, 3, 1, 2)).values()
+        ]
+    model = MaskRCNN(config)
+    ours = model.apply(
+        {"params": backbone["params"], "constants": backbone["constants"]},
+        jnp.asarray(x),
+        method=lambda m, x: m.backbone(x),
+    )
+    for r, o in zip(ref, ours):
+        assert r.shape == o.shape
+        np.testing.assert_allclose(o, r, atol=1e-4 * np.abs(r).max())
+
+
+def _tv_rpn(pre: int, post: int):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    rpn = RegionProposalNetwork(
+        anchors,
+        RPNHead(8, 3),
+        0.7,
+        0.3,
+        256,
+        0.5,
+        {"training": pre, "testing": pre},
+        {"training": post, "testing": post},
+        0.7,
+    )
+    return rpn.eval()
+
+
+def test_propose_matches_torchvision():
+    config = tiny_config()
+    anchors, level_sizes = anchors_for(config, IMAGE_SHAPE)
+    rng = np.random.default_rng(0)
+    b, a = 2, anchors.shape[0]
+    objectness = rng.normal(0, 2, (b, a)).astype(np.float32)
+    deltas = rng.normal(0, 0.5, (b, a, 4)).astype(np.float32)
+    deltas[:, ::7, 2] = -8.0  # some boxes collapse below min_size after clipping
+    sizes = np.array([IMAGE_SHAPE, (40, 70)], np.int32)
+    pre, post = 50, 60
+    boxes, scores, valid = propose(
+        jnp.asarray(objectness),
+        jnp.asarray(deltas),
+        anchors,
+        jnp.asarray(sizes),
+        level_sizes,
+        pre,
+        post,
+        0.7,
+        1e-3,
+    )
+    rpn = _tv_rpn(pre, post)
+    tv_anchors = torch.from_numpy(np.array(anchors))
+    decoded = rpn.box_coder.decode(torch.from_numpy(deltas.reshape(-1, 4)), [tv_anchors] * b).view(
+        b, -1, 4
+    )
+    ref_boxes, ref_scores = rpn.filter_proposals(
+        decoded, torch.from_numpy(objectness), [tuple(s) for s in sizes.tolist()], level_sizes
+    )
+    for i in range(b):
+        n = len(ref_scores[i])
+        assert int(valid[i].sum()) == n and bool(valid[i, :n].all())
+        np.testing.assert_allclose(boxes[i, :n], ref_boxes[i].numpy(), atol=1e-4)
+        np.testing.assert_allclose(scores[i, :n], ref_scores[i].numpy(), atol=1e-6)
+        assert float(jnp.abs(boxes[i, n:]).sum()) == 0
+
+
+def test_detect_matches_torchvision():
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    rng = np.random.default_rng(1)
+    b, r, k, d = 2, 40, 5, 10
+    logits = rng.normal(0, 2, (b, r, k)).astype(np.float32)
+    deltas = rng.normal(0, 1, (b, r, k, 4)).astype(np.float32)
+    xy = rng.uniform(0, 60, (b, r, 2))
+    proposals = np.concatenate([xy, xy + rng.uniform(2, 40, (b, r, 2))], -1).astype(np.float32)
+    valid = np.ones((b, r), bool)
+    valid[1, 30:] = False  # padded proposals
+    sizes = np.array([IMAGE_SHAPE, (50, 70)], np.int32)
+    boxes, scores, labels, keep = detect(
+        jnp.asarray(logits),
+        jnp.asarray(deltas),
+        jnp.asarray(proposals),
+        jnp.asarray(valid),
+        jnp.asarray(sizes),
+        0.05,
+        0.5,
+        1e-2,
+        d,
+        1000,
+    )
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, 0.05, 0.5, d)
+    n = valid.sum(1)
+    ref = heads.postprocess_detections(
+        torch.from_numpy(np.concatenate([logits[i, : n[i]] for i in range(b)])),
+        torch.from_numpy(np.concatenate([deltas[i, : n[i]].reshape(n[i], -1) for i in range(b)])),
+        [torch.from_numpy(proposals[i, : n[i]]) for i in range(b)],
+        [tuple(s) for s in sizes.tolist()],
+    )
+    for i in range(b):
+        m = len(ref[1][i])
+        assert int(keep[i].sum()) == m
+        np.testing.assert_allclose(boxes[i, :m], ref[0][i].numpy(), atol=1e-4)
+        np.testing.assert_allclose(scores[i, :m], ref[1][i].numpy(), atol=1e-6)
+        np.testing.assert_array_equal(labels[i, :m], ref[2][i].numpy())
+
+
+def _tiny_torchvision_maskrcnn():
+    from torchvision.models.detection import MaskRCNN as TVMaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    return TVMaskRCNN(backbone, num_classes=3, min_size=64, max_size=96)
+
+
+def test_converter_names_and_errors():
+    from maskrcnn_jax.convert import config_from_state_dict, convert_torchvision_state_dict
+
+    state = {k: v.numpy() for k, v in _tiny_torchvision_maskrcnn().state_dict().items()}
+    config = config_from_state_dict(state)
+    assert (config.depth, config.num_classes, config.backbone_width) == (18, 3, 64)
+    variables = convert_torchvision_state_dict(state, config)
+    # Legacy key names (released COCO checkpoints) convert to the same variables.
+    legacy = {}
+    for key, value in state.items():
+        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for i in range(4):
+            key = key.replace(
+                f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}."
+            )
+            key = key.replace(f"fpn.inner_blocks.{i}.0.", f"fpn.inner_blocks.{i}.")
+            key = key.replace(f"fpn.layer_blocks.{i}.0.", f"fpn.layer_blocks.{i}.")
+        legacy["module." + key] = value
+    again = convert_torchvision_state_dict(legacy, config)
+    jax.tree.map(np.testing.assert_array_equal, variables, again)
+    with pytest.raises(ValueError, match="shape"):
+        convert_torchvision_state_dict(state, config_from_state_dict(state, num_classes=5))
+    with pytest.raises(ValueError, match="not converted"):
+        convert_torchvision_state_dict(
+            {**state, "roi_heads.keypoint_head.0.weight": np.zeros(3)}, config
+        )
+    with pytest.raises(ValueError, match="frozen_bn"):
+        convert_torchvision_state_dict(state, config_from_state_dict(state, norm="gn"))
