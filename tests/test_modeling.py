@@ -374,3 +374,19 @@ def test_converter_names_and_errors():
         )
     with pytest.raises(ValueError, match="frozen_bn"):
         convert_torchvision_state_dict(state, config_from_state_dict(state, norm="gn"))
+
+
+def test_pallas_roi_align_gives_the_same_detections(tiny, tiny_out):
+    """Whole-model inference with the Pallas kernel (interpret mode on CPU)."""
+    config, variables = tiny
+    _, ref = tiny_out
+    pallas_config = ml_collections.ConfigDict(config.to_dict())
+    pallas_config.roi_align_impl = "pallas"
+    images, sizes = random_images()
+    out = jax.device_get(jax.jit(lambda v, x, s: MaskRCNN(pallas_config).apply(v, x, s))(variables, images, sizes))
+    np.testing.assert_array_equal(out["valid"], ref["valid"])
+    assert out["valid"].sum() > 0
+    np.testing.assert_array_equal(out["labels"], ref["labels"])
+    np.testing.assert_allclose(out["boxes"], ref["boxes"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["masks"], ref["masks"], rtol=1e-5, atol=1e-5)
