@@ -131,11 +131,6 @@ class Predictor:
         self.buckets = buckets
         self._forward = jax.jit(self.model.apply)
 
-    @property
-    def model_config(self) -> ml_collections.ConfigDict:
-        """The model config (class count, preprocessing, class names if trained)."""
-        return self.config
-
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs: Any) -> Predictor:
         """Loads variables and config with :func:`maskrcnn_jax.checkpoint.load_model`."""

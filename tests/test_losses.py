@@ -3,11 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from torchvision.models.detection import roi_heads as tv_roi_heads
-from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from maskrcnn_jax import losses
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 # torchvision's Mask R-CNN defaults: one size per level (P2..P6), three ratios.
 DEFAULT_STRIDES = (4, 8, 16, 32, 64)
