@@ -12,30 +12,14 @@ import io
 import numpy as np
 from PIL import Image
 
+# One conversion for training data and for inference inputs, so that both see
+# the same pixels.
+from maskrcnn_jax.image_io import to_rgb
+
+__all__ = ["STORED_FORMATS", "decode_image", "to_rgb"]
+
 # Formats whose bytes are stored as they are; others are re-encoded as PNG.
 STORED_FORMATS = ("JPEG", "PNG")
-
-
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """Converts a PIL image of any mode to RGB.
-
-    Args:
-      image: a loaded PIL image.
-
-    Returns:
-      [H, W, 3] uint8. 16-bit and 32-bit integer or float grey images are
-      scaled from 0..65535 to 0..255 (0..max if larger values occur).
-    """
-    if image.mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        grey = np.asarray(image).astype(np.float64)
-        top = 65535.0 if grey.max(initial=0) <= 65535 else float(grey.max())
-        grey = np.clip(np.round(grey * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(data: bytes) -> np.ndarray:

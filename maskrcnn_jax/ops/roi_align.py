@@ -225,6 +225,37 @@ def flatten_levels(features: Sequence[jnp.ndarray]) -> tuple[jnp.ndarray, list[t
     return flat, shapes
 
 
+def check_levels_args(
+    features: jnp.ndarray,
+    boxes: jnp.ndarray,
+    levels: jnp.ndarray,
+    level_shapes: LevelShapes,
+    output_size: int | Sequence[int],
+    sampling_ratio: int,
+) -> tuple[tuple[int, int], int]:
+    """Validates :func:`roi_align_levels` arguments (shared with the Pallas kernel).
+
+    Returns:
+      (output_size as (out_h, out_w), sampling_ratio as int).
+
+    Raises:
+      ValueError: naming the first argument whose shape does not fit.
+    """
+    sampling_ratio = check_sampling_ratio(sampling_ratio)
+    if features.ndim != 3:
+        raise ValueError(f"features must be [B, N, C], got {tuple(features.shape)}")
+    if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"boxes must be [B={features.shape[0]}, R, 4], got {tuple(boxes.shape)}"
+        )
+    if levels.shape != boxes.shape[:2]:
+        raise ValueError(f"levels must be {tuple(boxes.shape[:2])}, got {tuple(levels.shape)}")
+    total = sum(int(h) * int(w) for h, w in level_shapes)
+    if total != features.shape[1]:
+        raise ValueError(f"level_shapes cover {total} pixels but features have {features.shape[1]}")
+    return _pair(output_size), sampling_ratio
+
+
 def roi_align_levels(
     features: jnp.ndarray,
     boxes: jnp.ndarray,
@@ -251,19 +282,9 @@ def roi_align_levels(
     Returns:
       [B, R, out_h, out_w, C] in the dtype of ``features``.
     """
-    output_size = _pair(output_size)
-    sampling_ratio = check_sampling_ratio(sampling_ratio)
-    if features.ndim != 3:
-        raise ValueError(f"features must be [B, N, C], got {tuple(features.shape)}")
-    if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"boxes must be [B={features.shape[0]}, R, 4], got {tuple(boxes.shape)}"
-        )
-    if levels.shape != boxes.shape[:2]:
-        raise ValueError(f"levels must be {tuple(boxes.shape[:2])}, got {tuple(levels.shape)}")
-    total = sum(h * w for h, w in level_shapes)
-    if total != features.shape[1]:
-        raise ValueError(f"level_shapes cover {total} pixels but features have {features.shape[1]}")
+    output_size, sampling_ratio = check_levels_args(
+        features, boxes, levels, level_shapes, output_size, sampling_ratio
+    )
     geometry = level_geometry(level_shapes, spatial_scales)
     boxes = jax.lax.stop_gradient(boxes)
 

@@ -65,7 +65,7 @@ from jax.experimental.pallas import triton as plgpu
 from maskrcnn_jax.ops.roi_align import (
     LevelShapes,
     box_samples,
-    check_sampling_ratio,
+    check_levels_args,
     level_geometry,
 )
 
@@ -310,25 +310,11 @@ def roi_align_levels_pallas(
     Returns:
       [B, R, out_h, out_w, C] in the dtype of ``features``.
     """
-    if isinstance(output_size, int):
-        output_size = (output_size, output_size)
-    output_size = tuple(int(s) for s in output_size)
-    sampling_ratio = check_sampling_ratio(sampling_ratio)
-    if features.ndim != 3:
-        raise ValueError(f"features must be [B, N, C], got {tuple(features.shape)}")
-    if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"boxes must be [B={features.shape[0]}, R, 4], got {tuple(boxes.shape)}"
-        )
-    if levels.shape != boxes.shape[:2]:
-        raise ValueError(f"levels must be {tuple(boxes.shape[:2])}, got {tuple(levels.shape)}")
+    output_size, sampling_ratio = check_levels_args(
+        features, boxes, levels, level_shapes, output_size, sampling_ratio
+    )
     level_shapes = tuple((int(h), int(w)) for h, w in level_shapes)
     spatial_scales = tuple(float(s) for s in spatial_scales)
-    total = sum(h * w for h, w in level_shapes)
-    if total != features.shape[1]:
-        raise ValueError(
-            f"level_shapes cover {total} pixels but features have {features.shape[1]}"
-        )
     if block_sizes is None:
         block_sizes = BlockSizes.get_default()
     backend = jax.default_backend()
