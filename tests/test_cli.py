@@ -351,10 +351,9 @@ def test_mask_rles_of_results_file_decode(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """(checkpoint dir, Predictor loaded from it) of a tiny random 4-class model."""
-    inference = pytest.importorskip("maskrcnn_jax.inference")
     import jax
 
-    from maskrcnn_jax import checkpoint
+    from maskrcnn_jax import checkpoint, inference
     from maskrcnn_jax.modeling import get_model_config, init_model
 
     config = get_model_config(
@@ -425,7 +424,6 @@ def test_end_to_end_evaluate(tmp_path, capsys, shared_predictor):
 
 @pytest.mark.parametrize("module", ["predict", "evaluate"])
 def test_cli_subprocess_bad_checkpoint_is_one_line(tmp_path, module):
-    pytest.importorskip("maskrcnn_jax.inference")
     image = os.path.join(FIXTURE, "empty.png")
     args = {
         "predict": ["--output-dir", str(tmp_path), image],

@@ -6,15 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import torchvision
 
 from maskrcnn_jax.inference import Predictor, default_buckets, resize_image, resized_size
 from maskrcnn_jax.modeling import init_model
 from maskrcnn_jax.modeling.mask_rcnn import normalize_images
 from maskrcnn_jax.modeling.postprocess import paste_masks, resize_boxes
 from tests.test_modeling import tiny_config
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
 
 
 @pytest.mark.parametrize(

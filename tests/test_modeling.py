@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
+import torchvision
 
 from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
 from maskrcnn_jax.modeling.box_head import detect
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
 
 IMAGE_SHAPE = (64, 96)
 

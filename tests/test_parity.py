@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+import torch
+import torchvision
 
 from maskrcnn_jax.convert import config_from_state_dict, convert_torchvision_state_dict
 from maskrcnn_jax.inference import Predictor, resize_image, resized_size
