@@ -13,15 +13,15 @@ WORKDIR ?= runs/shapes
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 
 $(STAMP): requirements.txt pyproject.toml | $(PY)
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -qq -r requirements.txt
+	$(PY) -m pip install -qq --no-deps -e .
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(STAMP)
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -qq -r requirements-dev.txt
 	touch $@
 
 install: $(STAMP)
