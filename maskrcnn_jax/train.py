@@ -232,7 +232,7 @@ def make_train_step(
         key = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            variables = {"params": params, **({"constants": state.constants} if state.constants else {})}
+            variables = state.replace(params=params).variables()
             terms = compute_losses(model, variables, batch, key, config)
             return losses.total_loss(terms), terms
 
@@ -539,8 +539,8 @@ def _restore(manager, step, abstract_state, state_sharding, train_iter, optimize
     shard = lambda tree, shardings: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
     )
-    abstract_vars = {"params": abstract_state.params, **({"constants": abstract_state.constants} if abstract_state.constants else {})}
-    vars_sharding = {"params": state_sharding.params, **({"constants": state_sharding.constants} if abstract_state.constants else {})}
+    abstract_vars = abstract_state.variables()
+    vars_sharding = state_sharding.variables()
     abstract_train = {
         "step": abstract_state.step, "opt_state": abstract_state.opt_state,
         "rng": jax.eval_shape(jax.random.key_data, abstract_state.rng),
