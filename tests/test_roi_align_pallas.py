@@ -10,8 +10,6 @@ scatter-adds in bfloat16 and is within 2**-5 of it in relative L2 norm, which
 is the tolerance between the two.
 """
 
-import sys
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -22,9 +20,6 @@ from absl.testing import parameterized
 from maskrcnn_jax import ops
 from maskrcnn_jax.ops import roi_align_pallas as rap
 from maskrcnn_jax.ops.roi_align_pallas import BlockSizes, roi_align_levels_pallas
-
-# ``maskrcnn_jax.ops.roi_align`` is shadowed by the function of that name.
-roi_align_module = sys.modules["maskrcnn_jax.ops.roi_align"]
 
 INTERPRET = jax.default_backend() == "cpu"
 # Small tiles so that the test shapes span several blocks and ragged edges.
@@ -182,7 +177,7 @@ class RoIAlignPallasTest(parameterized.TestCase):
 
 class RoIAlignPallasApiTest(parameterized.TestCase):
     def test_selected_by_impl(self):
-        assert roi_align_module.get_roi_align_levels("pallas") is roi_align_levels_pallas
+        assert ops.get_roi_align_levels("pallas") is roi_align_levels_pallas
 
     @parameterized.parameters((0, 8), (16, 12), (48, 8))
     def test_block_sizes_must_be_powers_of_two(self, block_bins, block_c):
