@@ -24,7 +24,8 @@ accept its name.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -189,8 +190,8 @@ def multilevel_roi_align(
     if len(features) != len(strides):
         raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
     fn = get_roi_align_levels(impl)
-    min_level = int(round(math.log2(strides[0])))
-    max_level = int(round(math.log2(strides[-1])))
+    min_level = round(math.log2(strides[0]))
+    max_level = round(math.log2(strides[-1]))
     levels = assign_levels(boxes, min_level, max_level, canonical_scale, canonical_level)
     flat, shapes = flatten_levels(features)
     scales = [1.0 / s for s in strides]

@@ -14,7 +14,7 @@ points, level assignment and the choice of implementation are in
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ class BlockSizes:
                 raise ValueError(f"{name} must be a power of two, got {value!r}")
 
     @classmethod
-    def get_default(cls) -> "BlockSizes":
+    def get_default(cls) -> BlockSizes:
         return cls()
 
 
@@ -159,7 +159,7 @@ def roi_align_pool(
     Returns:
       [P, C] in the dtype of ``features``.
     """
-    m, c = features.shape
+    c = features.shape[1]
     k, p = index.shape
     block_bins = block_sizes.block_bins
     block_c = _channel_block(block_sizes, c)

@@ -21,7 +21,7 @@ with ``aligned=False`` a box is at least one feature pixel wide.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,9 +73,7 @@ def check_levels_args(
     if features.ndim != 3:
         raise ValueError(f"features must be [B, N, C], got {tuple(features.shape)}")
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"boxes must be [B={features.shape[0]}, R, 4], got {tuple(boxes.shape)}"
-        )
+        raise ValueError(f"boxes must be [B={features.shape[0]}, R, 4], got {tuple(boxes.shape)}")
     if levels.shape != boxes.shape[:2]:
         raise ValueError(f"levels must be {tuple(boxes.shape[:2])}, got {tuple(levels.shape)}")
     total = sum(int(h) * int(w) for h, w in level_shapes)
