@@ -14,7 +14,10 @@ import torch
 import torchvision
 
 from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
-from maskrcnn_jax.modeling.box_head import detect
+from maskrcnn_jax.modeling.box_head import BoxHead, detect
+from maskrcnn_jax.modeling.mask_head import MaskHead
+from maskrcnn_jax.ops import FPN_STRIDES, poolers
+from maskrcnn_jax.ops.roi_align import roi_align_levels
 
 IMAGE_SHAPE = (64, 96)
 
@@ -152,6 +155,26 @@ def test_stage_methods(tiny):
     np.testing.assert_allclose(partial[0, :2], full[0, :2], atol=1e-6)
     np.testing.assert_allclose(partial[1, :1], full[1, :1], atol=1e-6)
     assert float(jnp.abs(partial[0, 2:]).sum() + jnp.abs(partial[1, 1:]).sum()) == 0
+
+
+def test_heads_pool_the_levels_of_the_strides_they_are_given(tiny, monkeypatch):
+    config, variables = tiny
+    model = MaskRCNN(config).bind(variables)
+    assert model.roi_box_head.strides == model.roi_mask_head.strides == FPN_STRIDES
+    scales = []
+
+    def spy(features, boxes, levels, level_shapes, spatial_scales, *args):
+        scales.append(list(spatial_scales))
+        return roi_align_levels(features, boxes, levels, level_shapes, spatial_scales, *args)
+
+    monkeypatch.setitem(poolers.ROI_ALIGN_IMPLS, "spy", spy)
+    strides = (8, 16, 32, 64, 128)  # P3..P7 of a 128-pixel image; heads read the first four
+    feats = [jnp.zeros((1, 128 // s, 128 // s, 4)) for s in strides]
+    rois = jnp.asarray([[[0.0, 0.0, 40.0, 30.0]]])
+    key = jax.random.key(0)
+    BoxHead(3, 8, roi_align_impl="spy", strides=strides).init(key, feats, rois)
+    MaskHead(3, 4, roi_align_impl="spy", strides=strides).init(key, feats, rois)
+    assert scales == [[1 / 8, 1 / 16, 1 / 32, 1 / 64]] * 2
 
 
 def test_bfloat16_compute(tiny, tiny_out):

@@ -13,14 +13,13 @@ import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import Dense
 from maskrcnn_jax.ops import (
+    FPN_STRIDES,
     ROI_BOX_WEIGHTS,
     batched_nms,
     clip_boxes,
     decode_boxes,
     multilevel_roi_align,
 )
-
-ROI_STRIDES = (4, 8, 16, 32)  # P2..P5, the levels RoIAlign reads
 
 
 class BoxHead(nn.Module):
@@ -34,6 +33,7 @@ class BoxHead(nn.Module):
       num_classes: K, including background.
       representation_size: width of fc6 / fc7.
       roi_size, sampling_ratio, roi_align_impl: RoIAlign settings.
+      strides: strides of the FPN levels P2..P6; RoIAlign reads P2..P5.
     """
 
     num_classes: int = 91
@@ -42,6 +42,7 @@ class BoxHead(nn.Module):
     sampling_ratio: int = 2
     roi_align_impl: str = "reference"
     dtype: Any = jnp.float32
+    strides: Sequence[int] = FPN_STRIDES
 
     @nn.compact
     def __call__(
@@ -62,7 +63,7 @@ class BoxHead(nn.Module):
             list(features[:4]),
             rois,
             self.roi_size,
-            ROI_STRIDES,
+            tuple(self.strides[:4]),
             self.sampling_ratio,
             aligned=False,
             impl=self.roi_align_impl,

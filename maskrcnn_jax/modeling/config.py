@@ -16,11 +16,12 @@ from typing import Any
 
 import ml_collections
 
+from maskrcnn_jax.ops.poolers import roi_align_impl_names
+
 NORMS = ("frozen_bn", "gn")
 HEAD_NORMS = ("none", "gn")
 DEPTHS = (18, 34, 50, 101)
 DTYPES = ("float32", "bfloat16")
-ROI_ALIGN_IMPLS = ("reference", "pallas", "auto")
 
 
 def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -59,7 +60,8 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
       - ``min_size``, ``max_size``, ``image_mean``, ``image_std``,
         ``size_divisible``: input transform (images are 0..255 RGB).
       - ``dtype``: compute dtype (params stay float32).
-      - ``roi_align_impl``: ``"reference"``, ``"pallas"`` or ``"auto"``.
+      - ``roi_align_impl``: one of ``maskrcnn_jax.ops.roi_align_impl_names()``:
+        ``"reference"``, ``"pallas"`` or ``"auto"`` (Pallas on GPU).
     """
     c = ml_collections.ConfigDict()
     c.num_classes = 91
@@ -111,12 +113,13 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError`` naming the first invalid field of ``c``."""
+    impls = roi_align_impl_names()
     checks = (
         ("depth", c.depth in DEPTHS, DEPTHS),
         ("norm", c.norm in NORMS, NORMS),
         ("head_norm", c.head_norm in HEAD_NORMS, HEAD_NORMS),
         ("dtype", c.dtype in DTYPES, DTYPES),
-        ("roi_align_impl", c.roi_align_impl in ROI_ALIGN_IMPLS, ROI_ALIGN_IMPLS),
+        ("roi_align_impl", c.roi_align_impl in impls, impls),
     )
     for name, ok, allowed in checks:
         if not ok:

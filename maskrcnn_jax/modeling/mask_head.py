@@ -12,9 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.box_head import ROI_STRIDES
 from maskrcnn_jax.modeling.layers import ConvNorm, kaiming_fan_out
-from maskrcnn_jax.ops import multilevel_roi_align
+from maskrcnn_jax.ops import FPN_STRIDES, multilevel_roi_align
 
 
 class ConvTranspose2x2(nn.Module):
@@ -78,6 +77,7 @@ class MaskHead(nn.Module):
       num_convs: 3x3 convs before the upsampling (4).
       norm: ``"none"`` or ``"gn"`` after each 3x3 conv.
       roi_size, sampling_ratio, roi_align_impl: RoIAlign settings.
+      strides: strides of the FPN levels P2..P6; RoIAlign reads P2..P5.
     """
 
     num_classes: int = 91
@@ -88,6 +88,7 @@ class MaskHead(nn.Module):
     sampling_ratio: int = 2
     roi_align_impl: str = "reference"
     dtype: Any = jnp.float32
+    strides: Sequence[int] = FPN_STRIDES
 
     @nn.compact
     def __call__(
@@ -113,7 +114,7 @@ class MaskHead(nn.Module):
             list(features[:4]),
             rois,
             self.roi_size,
-            ROI_STRIDES,
+            tuple(self.strides[:4]),
             self.sampling_ratio,
             aligned=False,
             impl=self.roi_align_impl,

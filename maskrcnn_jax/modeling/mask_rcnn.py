@@ -28,9 +28,7 @@ from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.mask_head import MaskHead
 from maskrcnn_jax.modeling.resnet import ResNet
 from maskrcnn_jax.modeling.rpn import RPNHead, propose
-from maskrcnn_jax.ops import generate_anchors, num_anchors_per_level
-
-FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
+from maskrcnn_jax.ops import FPN_STRIDES, generate_anchors, num_anchors_per_level
 
 
 def anchors_for(config: ml_collections.ConfigDict, image_size: Sequence[int]):
@@ -93,6 +91,7 @@ class MaskRCNN(nn.Module):
             c.sampling_ratio,
             c.roi_align_impl,
             dtype,
+            strides=FPN_STRIDES,
         )
         self.roi_mask_head = MaskHead(
             c.num_classes,
@@ -103,6 +102,7 @@ class MaskRCNN(nn.Module):
             c.sampling_ratio,
             c.roi_align_impl,
             dtype,
+            strides=FPN_STRIDES,
         )
 
     def _check_images(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> None:

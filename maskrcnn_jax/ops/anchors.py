@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+# The strides of the FPN levels P2..P6 of Mask R-CNN (torchvision's ResNet-FPN):
+# the one definition, passed down by the model to the anchors and the RoI heads.
+FPN_STRIDES = (4, 8, 16, 32, 64)
+
 # torchvision's Mask R-CNN defaults: one size per level (P2..P6), three ratios.
-DEFAULT_STRIDES = (4, 8, 16, 32, 64)
+DEFAULT_STRIDES = FPN_STRIDES  # the former name, kept for existing imports
 DEFAULT_SIZES = ((32,), (64,), (128,), (256,), (512,))
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -45,7 +49,7 @@ def feature_grid(image_size: Sequence[int], stride: int) -> tuple[int, int]:
 
 def generate_anchors(
     image_size: Sequence[int],
-    strides: Sequence[int] = DEFAULT_STRIDES,
+    strides: Sequence[int] = FPN_STRIDES,
     sizes: Sequence[Sequence[float]] = DEFAULT_SIZES,
     aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
 ) -> jnp.ndarray:
@@ -87,7 +91,7 @@ def generate_anchors(
 
 def num_anchors_per_level(
     image_size: Sequence[int],
-    strides: Sequence[int] = DEFAULT_STRIDES,
+    strides: Sequence[int] = FPN_STRIDES,
     anchors_per_cell: int = 3,
 ) -> list[int]:
     """Number of anchors of each level, in :func:`generate_anchors` order."""

@@ -1,4 +1,4 @@
-"""Fused RoIAlign as a Pallas kernel: the :func:`roi_align.roi_align_levels` contract.
+"""Fused RoIAlign as a Pallas kernel: the ``roi_align_levels`` contract of ``poolers.py``.
 
 The vmap reference in ``roi_align.py`` gathers every bilinear tap of every
 output bin through XLA. Here one kernel program takes a block of output bins
@@ -21,7 +21,7 @@ Layout (structure of JAX's own Pallas ops, e.g. ``pallas/ops/gpu/layer_norm.py``
 * :class:`BlockSizes` holds the tile sizes.
 
 Geometry is not re-derived: the per-box tap indices and weights come from
-:func:`roi_align.box_samples` (torchvision's rules), computed in plain jnp
+:func:`roi_geometry.box_samples` (torchvision's rules), computed in plain jnp
 outside the kernel as ``index, weight: [K, P]``, P = B * R * out_h * out_w
 bins, with the image offset ``b * N`` folded into the row index of the
 ``[B * N, C]`` features. A "block of boxes" is therefore a block of
@@ -55,14 +55,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from maskrcnn_jax.ops.roi_align import (
+from maskrcnn_jax.ops.roi_geometry import (
     LevelShapes,
     box_samples,
     check_levels_args,
@@ -102,7 +102,7 @@ class BlockSizes:
                 raise ValueError(f"{name} must be a power of two, got {value!r}")
 
     @classmethod
-    def get_default(cls) -> "BlockSizes":
+    def get_default(cls) -> BlockSizes:
         return cls()
 
 
@@ -159,7 +159,7 @@ def roi_align_pool(
     Returns:
       [P, C] in the dtype of ``features``.
     """
-    m, c = features.shape
+    c = features.shape[1]
     k, p = index.shape
     block_bins = block_sizes.block_bins
     block_c = _channel_block(block_sizes, c)
@@ -195,7 +195,8 @@ def roi_align_pool_reference(
 ) -> jnp.ndarray:
     """:func:`roi_align_pool` in plain jnp: one gather and a contraction.
 
-    The same form as the tangent of ``roi_align._pool`` (its ``_pool_einsum``);
+    The same form as the tangent of the reference's pooling
+    (``roi_align._pool_einsum``);
     its transpose is the backward of :func:`roi_align_levels_pallas`.
 
     Args:
@@ -296,7 +297,7 @@ def roi_align_levels_pallas(
     Same arguments, results and gradient as :func:`roi_align.roi_align_levels`.
 
     Args:
-      features: [B, N, C] levels flattened by :func:`roi_align.flatten_levels`.
+      features: [B, N, C] levels flattened by :func:`roi_geometry.flatten_levels`.
       boxes: [B, R, 4] xyxy, absolute input pixels. No gradient flows to boxes.
       levels: [B, R] int, index into ``level_shapes`` of each box's level.
       level_shapes: static ((H_0, W_0), ...).
