@@ -20,12 +20,15 @@ the state out into items for both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # The items of a checkpoint written by training (make_manager(item_names=...)).
@@ -136,6 +139,40 @@ def load_model(path: str) -> tuple[Any, ml_collections.ConfigDict]:
         ) from e
     variables = jax.tree.map(jax.numpy.asarray, restored["model"])
     return variables, config_from_dict(restored["model_config"])
+
+
+def merge_pretrained(fresh: Any, loaded: Any, what: str) -> Any:
+    """Takes every loaded array whose path and shape match; keeps the rest fresh.
+
+    Used to fine-tune with another class count: the class-specific layers
+    (class logits, box deltas, mask predictor) do not match and stay freshly
+    initialised (as Detectron2's checkpointer skips mismatched shapes).
+
+    Args:
+      fresh: variables to fill (``init_model``'s output).
+      loaded: variables of a checkpoint or a converted backbone; may hold a
+        subset of ``fresh``'s paths.
+      what: where ``loaded`` came from, for the log line.
+
+    Returns:
+      ``fresh``'s tree, with each loaded array cast to the fresh dtype.
+    """
+    keystr = jax.tree_util.keystr
+    flat_loaded = {keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    kept, reinit = 0, []
+
+    def pick(path, x):
+        nonlocal kept
+        v = flat_loaded.get(keystr(path))
+        if v is not None and tuple(v.shape) == tuple(x.shape):
+            kept += 1
+            return jax.numpy.asarray(v, x.dtype)
+        reinit.append(keystr(path))
+        return x
+
+    merged = jax.tree_util.tree_map_with_path(pick, fresh)
+    log.info("%s: loaded %d arrays, %d freshly initialised", what, kept, len(reinit))
+    return merged
 
 
 # ---------------------------------------------------------------- training state

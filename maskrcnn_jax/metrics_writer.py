@@ -28,7 +28,8 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        # Held open for the whole run, closed by close().
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
         try:
             from tensorboardX import SummaryWriter
 

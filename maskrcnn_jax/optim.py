@@ -44,7 +44,7 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     return schedule
 
 
-def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     """The names along a ``jax.tree_util`` key path, e.g. ``("backbone", "conv1", "kernel")``."""
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
@@ -65,7 +65,7 @@ def frozen_mask(params: Any, freeze_at: int) -> Any:
     """
 
     def frozen(path, _):
-        names = path_names(path)
+        names = _path_names(path)
         if "backbone" not in names:
             return False
         child = names[names.index("backbone") + 1]

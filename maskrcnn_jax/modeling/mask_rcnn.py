@@ -251,7 +251,7 @@ class MaskRCNN(nn.Module):
         Returns:
           float32 scalars ``rpn_objectness_loss``, ``rpn_box_loss``,
           ``classifier_loss``, ``box_loss`` and ``mask_loss``; their sum is the
-          training loss (:func:`maskrcnn_jax.losses.total_loss`).
+          training loss.
         """
         c = self.config
         images = images.astype(jnp.float32)
