@@ -41,9 +41,6 @@ from maskrcnn_jax.targets import mask_targets, roi_targets, rpn_targets
 
 FPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6
 
-# What MaskRCNN.losses reads from its `targets` argument.
-TARGET_KEYS = ("boxes", "labels", "masks", "is_crowd", "valid")
-
 
 def anchors_for(config: ml_collections.ConfigDict, image_size: Sequence[int]):
     """Anchors [A, 4] and anchors per level of a padded input (static, numpy).
