@@ -29,15 +29,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     train.weight_decay = 1e-4
     train.decay_norm_and_bias = False
     train.clip_norm = 0.0  # 0 = no clipping
-    train.smooth_l1_beta = 1.0 / 9  # torchvision; 0 = L1 as Detectron2
-    train.rpn_batch_size_per_image = 256
-    train.rpn_positive_fraction = 0.5
-    train.roi_batch_size_per_image = 512
-    train.roi_positive_fraction = 0.25
-    # Mask-head slots per image. 0 = every possible positive (512 * 0.25 =
-    # 128), exact but the mask head's cost is then fixed at its maximum; a
-    # smaller cap trains on a random subset of the positives when there are more.
-    train.mask_rois_per_image = 0
     train.max_bad_steps = 10  # stop after this many consecutive non-finite steps
 
     init = config.init = ml_collections.ConfigDict()

@@ -65,10 +65,10 @@ def _torch_model():
 
 def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from maskrcnn_jax import convert, ops, train
     from maskrcnn_jax.modeling import MaskRCNN
+    from maskrcnn_jax.optim import make_optimizer
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
     from coco_r50_fpn_1x import get_config
@@ -78,7 +78,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     config.model = convert.config_from_state_dict(sd, dtype="float32", roi_align_impl="reference")
     variables = convert.convert_torchvision_state_dict(sd, config.model)
     config.train.batch_size = 2
-    config.train.mask_rois_per_image = mask_rois
+    config.model.mask_rois_per_image = mask_rois
 
     images, masks, boxes, labels = _scene(num_instances)
     image = np.zeros((2, *PADDED, 3), np.uint8)
@@ -97,12 +97,8 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
         "is_crowd": np.zeros((2, num_instances), bool),
         "valid": np.ones((2, num_instances), bool),
     }
-    optimizer = train.make_optimizer(config, variables["params"])
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"], constants=variables["constants"],
-        opt_state=optimizer.init(variables["params"]), rng=jax.random.key(0),
-        bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32),
-    )
+    optimizer = make_optimizer(config, variables["params"])
+    state = train.create_train_state(variables, optimizer, jax.random.key(0))
     step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
     batch = jax.device_put(batch)
     t0 = time.perf_counter()
@@ -159,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--instances", type=int, default=8)
-    parser.add_argument("--mask-rois", type=int, default=0, help="train.mask_rois_per_image (0 = 128)")
+    parser.add_argument("--mask-rois", type=int, default=0, help="model.mask_rois_per_image (0 = 128)")
     parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:

@@ -50,8 +50,8 @@ def get_config():
     train.warmup_steps = 100
     train.decay_steps = (380, 470)
     train.clip_norm = 10.0
-    train.roi_batch_size_per_image = 128
-    train.rpn_batch_size_per_image = 128
+    config.model.roi_batch_size_per_image = 128
+    config.model.rpn_batch_size_per_image = 128
 
     config.log_every = 25
     config.checkpoint_every = 250

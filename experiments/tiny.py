@@ -60,8 +60,8 @@ def get_config():
     train.base_lr = 0.02
     train.warmup_steps = 2
     train.decay_steps = (1000,)
-    train.rpn_batch_size_per_image = 64
-    train.roi_batch_size_per_image = 32
+    config.model.rpn_batch_size_per_image = 64
+    config.model.roi_batch_size_per_image = 32
     config.log_every = 1
     config.checkpoint_every = 2
     config.eval_every = 0

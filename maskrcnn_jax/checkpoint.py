@@ -11,11 +11,16 @@ each step holds the items
 
 A path given by a user may be a step directory, a manager directory (its
 latest step is used) or a training work dir (its ``checkpoints/``).
+
+Training writes and reads its state with :func:`save_train_state` and
+:func:`restore_train_state`; one function, :func:`_train_state_items`, lays
+the state out into items for both.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -23,7 +28,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_SUBDIR = "checkpoints"
+# The items of a checkpoint written by training (make_manager(item_names=...)).
+TRAIN_ITEMS = ("model", "model_config", "train_state", "data_state")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +46,11 @@ def _is_step_dir(path: str) -> bool:
 
 
 def _latest_step_dir(manager_dir: str) -> str | None:
-    steps = [int(d) for d in os.listdir(manager_dir) if d.isdigit() and _is_step_dir(os.path.join(manager_dir, d))]
+    steps = [
+        int(d)
+        for d in os.listdir(manager_dir)
+        if d.isdigit() and _is_step_dir(os.path.join(manager_dir, d))
+    ]
     return os.path.join(manager_dir, str(max(steps))) if steps else None
 
 
@@ -121,6 +134,137 @@ def load_model(path: str) -> tuple[Any, ml_collections.ConfigDict]:
             ),
         )
     except Exception as e:  # orbax raises many kinds; name the path once
-        raise CheckpointError(f"{step_dir}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{step_dir}: cannot read checkpoint ({type(e).__name__}: {e})"
+        ) from e
     variables = jax.tree.map(jax.numpy.asarray, restored["model"])
     return variables, config_from_dict(restored["model_config"])
+
+
+def merge_pretrained(fresh: Any, loaded: Any, what: str) -> Any:
+    """Takes every loaded array whose path and shape match; keeps the rest fresh.
+
+    Used to fine-tune with another class count: the class-specific layers
+    (class logits, box deltas, mask predictor) do not match and stay freshly
+    initialised (as Detectron2's checkpointer skips mismatched shapes).
+
+    Args:
+      fresh: variables to fill (``init_model``'s output).
+      loaded: variables of a checkpoint or a converted backbone; may hold a
+        subset of ``fresh``'s paths.
+      what: where ``loaded`` came from, for the log line.
+
+    Returns:
+      ``fresh``'s tree, with each loaded array cast to the fresh dtype.
+    """
+    keystr = jax.tree_util.keystr
+    flat_loaded = {keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+    kept, reinit = 0, []
+
+    def pick(path, x):
+        nonlocal kept
+        v = flat_loaded.get(keystr(path))
+        if v is not None and tuple(v.shape) == tuple(x.shape):
+            kept += 1
+            return jax.numpy.asarray(v, x.dtype)
+        reinit.append(keystr(path))
+        return x
+
+    merged = jax.tree_util.tree_map_with_path(pick, fresh)
+    log.info("%s: loaded %d arrays, %d freshly initialised", what, kept, len(reinit))
+    return merged
+
+
+# ---------------------------------------------------------------- training state
+
+
+def _train_state_items(state: Any, key_data: Any = jax.random.key_data) -> dict[str, Any]:
+    """The ``model`` and ``train_state`` items of a train state: the one layout.
+
+    Args:
+      state: a :class:`maskrcnn_jax.train.TrainState` (of arrays, of
+        ``jax.ShapeDtypeStruct`` under ``jax.eval_shape``, or of shardings).
+      key_data: maps ``state.rng`` to what is stored: its raw key data for
+        arrays; the identity for a tree of shardings.
+    """
+    return {
+        "model": state.variables(),
+        "train_state": {
+            "step": state.step,
+            "opt_state": state.opt_state,
+            "rng": key_data(state.rng),
+            "bad_steps": state.bad_steps,
+            "skipped_steps": state.skipped_steps,
+        },
+    }
+
+
+def save_train_state(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    model_config: ml_collections.ConfigDict,
+    data_state: bytes,
+) -> None:
+    """Saves ``state`` as step ``step`` of a manager made with ``TRAIN_ITEMS``.
+
+    The save is asynchronous: call ``manager.wait_until_finished()`` before
+    exiting.
+
+    Args:
+      state: a :class:`maskrcnn_jax.train.TrainState`.
+      model_config: the model config recorded with the variables (with the
+        dataset's ``class_names`` / ``category_ids``), so that the checkpoint
+        is usable by ``Predictor.from_checkpoint``.
+      data_state: the input iterator's ``get_state()``.
+    """
+    items = _train_state_items(state)
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(items["model"]),
+            model_config=ocp.args.JsonSave(config_to_dict(model_config)),
+            train_state=ocp.args.StandardSave(items["train_state"]),
+            data_state=ocp.args.JsonSave({"state": data_state.decode("utf-8")}),
+        ),
+        force=True,
+    )
+
+
+def restore_train_state(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, state_sharding: Any
+) -> tuple[Any, bytes]:
+    """Restores a train state saved by :func:`save_train_state`, with its sharding.
+
+    Args:
+      abstract_state: the state's ``jax.eval_shape`` (a ``TrainState`` of
+        ``jax.ShapeDtypeStruct``).
+      state_sharding: a ``TrainState`` of shardings, one per leaf.
+
+    Returns:
+      (the state, the input iterator state for its ``set_state``).
+    """
+    abstract = jax.eval_shape(_train_state_items, abstract_state)
+    shardings = _train_state_items(state_sharding, key_data=lambda s: s)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(target["model"]),
+            train_state=ocp.args.StandardRestore(target["train_state"]),
+            data_state=ocp.args.JsonRestore(),
+        ),
+    )
+    t, v = restored["train_state"], restored["model"]
+    state = abstract_state.replace(
+        step=t["step"],
+        params=v["params"],
+        constants=v.get("constants", {}),
+        opt_state=t["opt_state"],
+        rng=jax.random.wrap_key_data(t["rng"]),
+        bad_steps=t["bad_steps"],
+        skipped_steps=t["skipped_steps"],
+    )
+    return state, restored["data_state"]["state"].encode("utf-8")

@@ -7,7 +7,6 @@ by boolean masks instead of gathered.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -107,7 +106,3 @@ def mask_loss(
     per_roi = jnp.mean(bce, axis=(-2, -1))
     return _safe_div(jnp.sum(jnp.where(positive, per_roi, 0.0)), jnp.sum(positive))
 
-
-def total_loss(terms: dict[str, jax.Array]) -> jax.Array:
-    """Sum of the loss terms (keys ending in ``_loss``)."""
-    return sum(v for k, v in terms.items() if k.endswith("_loss"))

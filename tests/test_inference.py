@@ -10,10 +10,8 @@ import torch
 import torchvision
 
 from maskrcnn_jax.inference import Predictor, default_buckets, resize_image, resized_size
-from maskrcnn_jax.modeling import init_model
 from maskrcnn_jax.modeling.mask_rcnn import normalize_images
 from maskrcnn_jax.modeling.postprocess import paste_masks, resize_boxes
-from tests.test_modeling import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -99,9 +97,10 @@ def test_default_buckets_cover_all_resized_sizes():
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    config = tiny_config(box_score_thresh=0.05)
-    return Predictor(init_model(config, jax.random.key(0)), config)
+def predictor(tiny_model, tiny_model_config):
+    # The variables do not depend on box_score_thresh: the shared tiny model's serve.
+    _, variables = tiny_model
+    return Predictor(variables, tiny_model_config(box_score_thresh=0.05))
 
 
 def test_predictor_outputs_and_bucketing(predictor):

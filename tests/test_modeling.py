@@ -1,5 +1,6 @@
-"""Model modules on tiny configs: shapes, jit, dtypes, variants, freezing, and
-the proposal / detection steps and converter against torchvision."""
+"""Model modules on tiny configs: shapes, jit, dtypes, variants, freezing, the
+proposal / detection steps and converter against torchvision, and the training
+forward (``MaskRCNN.losses``) against the explicit path it replaced."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torchvision
 
+from maskrcnn_jax import losses, targets
 from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
 from maskrcnn_jax.modeling.mask_head import MaskHead
@@ -20,28 +22,6 @@ from maskrcnn_jax.ops import FPN_STRIDES, poolers
 from maskrcnn_jax.ops.roi_align import roi_align_levels
 
 IMAGE_SHAPE = (64, 96)
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """A ResNet-18, width-8 Mask R-CNN that compiles and runs in seconds on CPU."""
-    fields = {
-        "depth": 18,
-        "backbone_width": 8,
-        "fpn_channels": 16,
-        "representation_size": 32,
-        "mask_head_dim": 16,
-        "num_classes": 4,
-        "min_size": 64,
-        "max_size": 96,
-        "rpn_pre_nms_top_n_test": 64,
-        "rpn_post_nms_top_n_test": 32,
-        "box_candidates": 64,
-        "detections_per_img": 8,
-        "box_score_thresh": 0.0,
-        "roi_align_impl": "reference",
-    }
-    fields.update(overrides)
-    return get_model_config(**fields)
 
 
 def random_images(batch: int = 2, shape=IMAGE_SHAPE, seed: int = 0):
@@ -52,15 +32,9 @@ def random_images(batch: int = 2, shape=IMAGE_SHAPE, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    config = tiny_config()
-    return config, init_model(config, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def tiny_out(tiny):
+def tiny_out(tiny_model):
     """Jitted inference with intermediates on two images, and the jitted function."""
-    config, variables = tiny
+    config, variables = tiny_model
     fn = jax.jit(lambda v, x, s: MaskRCNN(config).apply(v, x, s, intermediates=True))
     images, sizes = random_images()
     return fn, jax.device_get(fn(variables, images, sizes))
@@ -84,8 +58,8 @@ def test_config_defaults_and_json():
         get_model_config(norm="bn")
 
 
-def test_inference_shapes_and_single_compilation(tiny, tiny_out):
-    config, variables = tiny
+def test_inference_shapes_and_single_compilation(tiny_model, tiny_out):
+    config, variables = tiny_model
     fn, out = tiny_out
     d = config.detections_per_img
     assert out["boxes"].shape == (2, d, 4) and out["scores"].shape == (2, d)
@@ -106,8 +80,8 @@ def test_inference_shapes_and_single_compilation(tiny, tiny_out):
     assert fn._cache_size() == 1
 
 
-def test_stage_methods(tiny):
-    config, variables = tiny
+def test_stage_methods(tiny_model):
+    config, variables = tiny_model
     rois = jnp.tile(
         jnp.asarray([[[0.0, 0.0, 30.0, 20.0], [5.0, 5.0, 60.0, 50.0], [0, 0, 0, 0]]]), (2, 1, 1)
     )
@@ -157,8 +131,8 @@ def test_stage_methods(tiny):
     assert float(jnp.abs(partial[0, 2:]).sum() + jnp.abs(partial[1, 1:]).sum()) == 0
 
 
-def test_heads_pool_the_levels_of_the_strides_they_are_given(tiny, monkeypatch):
-    config, variables = tiny
+def test_heads_pool_the_levels_of_the_strides_they_are_given(tiny_model, monkeypatch):
+    config, variables = tiny_model
     model = MaskRCNN(config).bind(variables)
     assert model.roi_box_head.strides == model.roi_mask_head.strides == FPN_STRIDES
     scales = []
@@ -177,10 +151,10 @@ def test_heads_pool_the_levels_of_the_strides_they_are_given(tiny, monkeypatch):
     assert scales == [[1 / 8, 1 / 16, 1 / 32, 1 / 64]] * 2
 
 
-def test_bfloat16_compute(tiny, tiny_out):
-    _, variables = tiny
+def test_bfloat16_compute(tiny_model, tiny_out, tiny_model_config):
+    _, variables = tiny_model
     _, ref = tiny_out
-    config16 = tiny_config(dtype="bfloat16")
+    config16 = tiny_model_config(dtype="bfloat16")
     out = jax.jit(lambda v, x, s: MaskRCNN(config16).apply(v, x, s, intermediates=True))(
         variables, *random_images()
     )
@@ -210,8 +184,8 @@ def _backbone_grads(config, variables):
     }
 
 
-def test_group_norm_variant_and_frozen_stages():
-    config = tiny_config(norm="gn", head_norm="gn")
+def test_group_norm_variant_and_frozen_stages(tiny_model_config):
+    config = tiny_model_config(norm="gn", head_norm="gn")
     variables = init_model(config, jax.random.key(1))
     assert "constants" not in variables
     assert "gn" in variables["params"]["backbone"]["conv1"]
@@ -221,7 +195,7 @@ def test_group_norm_variant_and_frozen_stages():
     frozen = [k for k in grads if k == "conv1" or k.startswith("layer1_")]
     assert frozen and all(grads[k] == 0 for k in frozen)
     assert all(grads[k] > 0 for k in grads if k not in frozen)
-    grads = _backbone_grads(tiny_config(norm="gn", head_norm="gn", freeze_at=0), variables)
+    grads = _backbone_grads(tiny_model_config(norm="gn", head_norm="gn", freeze_at=0), variables)
     assert all(g > 0 for g in grads.values())
 
 
@@ -282,8 +256,8 @@ def _tv_rpn(pre: int, post: int):
     return rpn.eval()
 
 
-def test_propose_matches_torchvision():
-    config = tiny_config()
+def test_propose_matches_torchvision(tiny_model_config):
+    config = tiny_model_config()
     anchors, level_sizes = anchors_for(config, IMAGE_SHAPE)
     rng = np.random.default_rng(0)
     b, a = 2, anchors.shape[0]
@@ -398,17 +372,193 @@ def test_converter_names_and_errors():
         convert_torchvision_state_dict(state, config_from_state_dict(state, norm="gn"))
 
 
-def test_pallas_roi_align_gives_the_same_detections(tiny, tiny_out):
+def test_pallas_roi_align_gives_the_same_detections(tiny_model, tiny_out):
     """Whole-model inference with the Pallas kernel (interpret mode on CPU)."""
-    config, variables = tiny
+    config, variables = tiny_model
     _, ref = tiny_out
     pallas_config = ml_collections.ConfigDict(config.to_dict())
     pallas_config.roi_align_impl = "pallas"
     images, sizes = random_images()
-    out = jax.device_get(jax.jit(lambda v, x, s: MaskRCNN(pallas_config).apply(v, x, s))(variables, images, sizes))
+    out = jax.device_get(
+        jax.jit(lambda v, x, s: MaskRCNN(pallas_config).apply(v, x, s))(variables, images, sizes)
+    )
     np.testing.assert_array_equal(out["valid"], ref["valid"])
     assert out["valid"].sum() > 0
     np.testing.assert_array_equal(out["labels"], ref["labels"])
     np.testing.assert_allclose(out["boxes"], ref["boxes"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out["scores"], ref["scores"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["masks"], ref["masks"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- training forward
+
+LOSS_TERMS = ("rpn_objectness_loss", "rpn_box_loss", "classifier_loss", "box_loss", "mask_loss")
+
+
+def _explicit_losses(model, variables, batch, key, score_thresh):
+    """The five terms as the trainer computed them before ``MaskRCNN.losses``
+    (``train.compute_losses``): the stages applied one by one and ``propose``
+    called by hand, here with ``score_thresh`` explicit (the trainer passed
+    none, i.e. 0)."""
+    mc = model.config
+    images = batch["image"].astype(jnp.float32)
+    b, h, w = images.shape[:3]
+    image_sizes = batch["image_size"]
+    gt_boxes = batch["boxes"].astype(jnp.float32)
+    gt_valid, gt_crowd, gt_labels = batch["valid"], batch["is_crowd"], batch["labels"]
+
+    feats = model.apply(variables, images, image_sizes, method=MaskRCNN.features)
+    objectness, deltas = model.apply(variables, feats, method=MaskRCNN.rpn)
+    anchors, level_sizes = anchors_for(mc, (h, w))
+    k_rpn, k_roi = jax.random.split(key)
+    rpn_t = jax.vmap(
+        lambda g, v, c, k: targets.rpn_targets(
+            anchors, g, v, c, k, mc.rpn_batch_size_per_image, mc.rpn_positive_fraction
+        )
+    )(gt_boxes, gt_valid, gt_crowd, jax.random.split(k_rpn, b))
+    rpn_obj, rpn_box = losses.rpn_loss(
+        objectness, deltas, rpn_t.positive, rpn_t.negative, rpn_t.deltas, mc.smooth_l1_beta
+    )
+    proposals, _, proposal_valid = propose(
+        jax.lax.stop_gradient(objectness),
+        jax.lax.stop_gradient(deltas),
+        anchors,
+        image_sizes,
+        level_sizes,
+        mc.rpn_pre_nms_top_n_train,
+        mc.rpn_post_nms_top_n_train,
+        mc.rpn_nms_thresh,
+        mc.rpn_min_size,
+        score_thresh,
+    )
+    roi_t = jax.vmap(
+        lambda p, pv, g, lab, v, c, k: targets.roi_targets(
+            p, pv, g, lab, v, c, k, mc.roi_batch_size_per_image, mc.roi_positive_fraction
+        )
+    )(
+        proposals,
+        proposal_valid,
+        gt_boxes,
+        gt_labels,
+        gt_valid,
+        gt_crowd,
+        jax.random.split(k_roi, b),
+    )
+    class_logits, box_deltas = model.apply(variables, feats, roi_t.rois, method=MaskRCNN.box_head)
+    cls, box = losses.box_head_loss(
+        class_logits, box_deltas, roi_t.labels, roi_t.deltas, roi_t.valid, mc.smooth_l1_beta
+    )
+    p = int(mc.roi_batch_size_per_image * mc.roi_positive_fraction)
+    p = min(p, int(mc.mask_rois_per_image or p))
+    mask_rois = roi_t.rois[:, :p]
+    mask_logits = model.apply(variables, feats, mask_rois, method=MaskRCNN.mask_head)
+    m = mask_logits.shape[2]
+    mask_t = jax.vmap(lambda gm, gb, r, i: targets.mask_targets(gm, gb, r, i, m))(
+        batch["masks"], gt_boxes, mask_rois, roi_t.matched[:, :p]
+    )
+    mask = losses.mask_loss(mask_logits, roi_t.labels[:, :p], mask_t, roi_t.positive[:, :p])
+    return dict(zip(LOSS_TERMS, (rpn_obj, rpn_box, cls, box, mask)))
+
+
+def _reduction_rtol(config, batch) -> dict[str, float]:
+    """Per-term relative tolerance between two compilations of the same float32 terms.
+
+    Each term is a float32 sum of N terms (then one division); XLA may order
+    the sum differently in two graphs, which moves it by at most about
+    N * 2^-24 relative: N = B * A anchors for the RPN terms, B * S sampled
+    RoIs for the box-head terms, B * P * 28 * 28 mask pixels for the mask term.
+    """
+    mc = config.model
+    b, h, w = batch["image"].shape[:3]
+    a = int(anchors_for(mc, (h, w))[0].shape[0])
+    p = int(mc.roi_batch_size_per_image * mc.roi_positive_fraction)
+    p = min(p, int(mc.mask_rois_per_image or p))
+    n = {
+        "rpn_objectness_loss": b * a,
+        "rpn_box_loss": b * a * 4,
+        "classifier_loss": b * mc.roi_batch_size_per_image,
+        "box_loss": b * mc.roi_batch_size_per_image * 4,
+        "mask_loss": b * p * 28 * 28,
+    }
+    return {k: v * 2.0**-24 for k, v in n.items()}
+
+
+# Above every proposal's sigmoid score at initialisation (logits ~ 0): with
+# it, training sees no proposal at all, only the ground-truth boxes as RoIs.
+HIGH_SCORE_THRESH = 1.0
+
+
+@pytest.fixture(scope="module")
+def training_terms(tiny_train_batch, tiny_train_state):
+    """The terms of ``MaskRCNN.losses`` and of the explicit path, at
+    ``rpn_score_thresh`` 0 (the default) and ``HIGH_SCORE_THRESH``.
+
+    One jit: where the two paths are the same computation XLA may share it,
+    which is what this comparison establishes.
+    """
+    config, batch = tiny_train_batch
+    state, _ = tiny_train_state
+    thresholded = ml_collections.ConfigDict(config.model.to_dict())
+    thresholded.rpn_score_thresh = HIGH_SCORE_THRESH
+    model, model_thresholded = MaskRCNN(config.model), MaskRCNN(thresholded)
+
+    def run(variables, batch, key):
+        def own(m):
+            return m.apply(variables, batch["image"], batch["image_size"], batch, key,
+                           method=MaskRCNN.losses)  # fmt: skip
+
+        return {
+            "own": own(model),
+            "explicit": _explicit_losses(model, variables, batch, key, 0.0),
+            "own_thresholded": own(model_thresholded),
+            "explicit_thresholded": _explicit_losses(
+                model, variables, batch, key, HIGH_SCORE_THRESH
+            ),
+        }
+
+    terms = jax.jit(run)(state.variables(), batch, jax.random.key(3))
+    return _reduction_rtol(config, batch), jax.device_get(terms)
+
+
+def test_losses_equal_the_explicit_training_path(training_terms):
+    rtol, terms = training_terms
+    assert set(terms["own"]) == set(LOSS_TERMS)
+    for k in LOSS_TERMS:
+        assert np.isfinite(terms["own"][k]) and terms["own"][k] > 0, k
+        np.testing.assert_allclose(terms["own"][k], terms["explicit"][k], rtol=rtol[k], err_msg=k)
+
+
+def test_losses_respect_rpn_score_thresh(training_terms):
+    """Training proposals obey ``rpn_score_thresh`` as inference ones do."""
+    rtol, terms = training_terms
+    own, explicit = terms["own_thresholded"], terms["explicit_thresholded"]
+    for k in LOSS_TERMS:
+        np.testing.assert_allclose(own[k], explicit[k], rtol=rtol[k], err_msg=k)
+    # The RPN terms do not depend on the proposals. The RoI terms do, beyond
+    # the tolerance above (no proposal is left): a model that ignored the
+    # threshold would fail that comparison.
+    for k in ("rpn_objectness_loss", "rpn_box_loss"):
+        np.testing.assert_allclose(own[k], terms["own"][k], rtol=rtol[k], err_msg=k)
+    for k in ("classifier_loss", "box_loss", "mask_loss"):
+        unthresholded = terms["explicit"][k]
+        assert abs(explicit[k] - unthresholded) > rtol[k] * abs(unthresholded), (
+            k,
+            explicit[k],
+            unthresholded,
+        )
+
+
+def test_training_settings_are_validated():
+    for field, bad in [
+        ("rpn_batch_size_per_image", 0),
+        ("roi_positive_fraction", 1.5),
+        ("rpn_positive_fraction", 0.0),
+        ("mask_rois_per_image", -1),
+        ("smooth_l1_beta", -0.1),
+    ]:
+        with pytest.raises(ValueError, match=f"model config {field}="):
+            get_model_config(**{field: bad})
+    c = get_model_config()
+    assert (c.rpn_batch_size_per_image, c.rpn_positive_fraction) == (256, 0.5)
+    assert (c.roi_batch_size_per_image, c.roi_positive_fraction) == (512, 0.25)
+    assert (c.mask_rois_per_image, c.smooth_l1_beta) == (0, 1.0 / 9)

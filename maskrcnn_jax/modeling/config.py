@@ -62,6 +62,21 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
       - ``dtype``: compute dtype (params stay float32).
       - ``roi_align_impl``: one of ``maskrcnn_jax.ops.roi_align_impl_names()``:
         ``"reference"``, ``"pallas"`` or ``"auto"`` (Pallas on GPU).
+
+      Training (read only by :meth:`MaskRCNN.losses`; torchvision's
+      ``MaskRCNN`` constructor arguments of the same names):
+
+      - ``rpn_batch_size_per_image``, ``rpn_positive_fraction``: anchors
+        sampled per image for the RPN losses, and the most of them positive.
+      - ``roi_batch_size_per_image``, ``roi_positive_fraction``: the same for
+        the RoIs of the box head (torchvision's ``box_batch_size_per_image``
+        and ``box_positive_fraction``).
+      - ``mask_rois_per_image``: mask-head slots per image; 0 = every possible
+        positive (``roi_batch_size_per_image * roi_positive_fraction``),
+        exact but at the mask head's full cost; a smaller cap trains on a
+        uniform random subset of the positives when there are more.
+      - ``smooth_l1_beta``: smooth-L1 beta of the RPN and box losses (1/9 as
+        torchvision; 0 = L1 as Detectron2).
     """
     c = ml_collections.ConfigDict()
     c.num_classes = 91
@@ -103,6 +118,13 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     # Numerics / kernels.
     c.dtype = "float32"
     c.roi_align_impl = "auto"
+    # Training: sampling and losses.
+    c.rpn_batch_size_per_image = 256
+    c.rpn_positive_fraction = 0.5
+    c.roi_batch_size_per_image = 512
+    c.roi_positive_fraction = 0.25
+    c.mask_rois_per_image = 0
+    c.smooth_l1_beta = 1.0 / 9
     for key, value in overrides.items():
         if key not in c:
             raise KeyError(f"unknown model config field {key!r}")
@@ -132,3 +154,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"anchor_sizes needs one size per level P2..P6, got {c.anchor_sizes}")
     if c.size_divisible % 32:
         raise ValueError(f"size_divisible={c.size_divisible} must be a multiple of 32")
+    for name in ("rpn_batch_size_per_image", "roi_batch_size_per_image"):
+        if c[name] < 1:
+            raise ValueError(f"model config {name}={c[name]}, expected >= 1")
+    for name in ("rpn_positive_fraction", "roi_positive_fraction"):
+        if not 0 < c[name] <= 1:
+            raise ValueError(f"model config {name}={c[name]}, expected in (0, 1]")
+    if c.mask_rois_per_image < 0:
+        raise ValueError(
+            f"model config mask_rois_per_image={c.mask_rois_per_image}, expected >= 0 (0 = all)"
+        )
+    if c.smooth_l1_beta < 0:
+        raise ValueError(f"model config smooth_l1_beta={c.smooth_l1_beta}, expected >= 0")

@@ -6,15 +6,22 @@ normalise -> ResNet C2..C5 -> FPN P2..P6 -> RPN logits/deltas -> proposals
 (per-class decode, softmax, threshold, class-aware NMS) -> mask head on the
 detections -> sigmoid of the predicted class's map.
 
-The stages are also methods (``features``, ``rpn``, ``box_head``,
-``mask_head``) for training::
+Training runs :meth:`MaskRCNN.losses`: the same features, RPN and proposals
+(``proposals(train=True)``, so every proposal setting, ``rpn_score_thresh``
+included, holds in training as in inference), then anchor and RoI sampling
+(:mod:`maskrcnn_jax.targets`) and the five losses (:mod:`maskrcnn_jax.losses`)::
+
+    terms = model.apply(variables, images, image_sizes, targets, key, method=MaskRCNN.losses)
+
+The stages are also methods (``features``, ``rpn``, ``proposals``,
+``box_head``, ``mask_head``)::
 
     feats = model.apply(variables, images, image_sizes, method=MaskRCNN.features)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,12 +30,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskrcnn_jax.losses import box_head_loss, mask_loss, rpn_loss
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.mask_head import MaskHead
 from maskrcnn_jax.modeling.resnet import ResNet
 from maskrcnn_jax.modeling.rpn import RPNHead, propose
 from maskrcnn_jax.ops import FPN_STRIDES, generate_anchors, num_anchors_per_level
+from maskrcnn_jax.targets import mask_targets, roi_targets, rpn_targets
 
 
 def anchors_for(config: ml_collections.ConfigDict, image_size: Sequence[int]):
@@ -208,6 +217,100 @@ class MaskRCNN(nn.Module):
             c.rpn_min_size,
             c.rpn_score_thresh,
         )
+
+    def losses(
+        self,
+        images: jnp.ndarray,
+        image_sizes: jnp.ndarray,
+        targets: Mapping[str, jnp.ndarray],
+        key: jax.Array,
+    ) -> dict[str, jnp.ndarray]:
+        """The five training losses of a batch (torchvision's ``MaskRCNN`` in train mode).
+
+        The proposals come from :meth:`proposals` with ``train=True``, as in
+        inference but with the train-time top-n. Anchors are sampled for the
+        RPN losses, RoIs (proposals + ground truth) for the box head, and the
+        mask head runs on the first ``mask_rois_per_image`` RoI slots, which
+        hold the positives (see :func:`~maskrcnn_jax.targets.roi_targets`).
+        Sampling sizes and ``smooth_l1_beta`` come from the model config.
+
+        Args:
+          images: [B, H, W, 3] uint8 or float RGB 0..255, H and W multiples of 32.
+          image_sizes: [B, 2] int (h, w) of each image inside the padding.
+          targets: ground truth, M instance slots per image: ``boxes [B, M, 4]``
+            xyxy padded-input pixels, ``labels [B, M]`` int (1..K-1),
+            ``masks [B, M, S, S]`` instance masks cropped to their boxes
+            (see :func:`~maskrcnn_jax.targets.mask_targets`), ``is_crowd [B, M]``
+            bool, ``valid [B, M]`` bool (False in padding slots). Other keys
+            are ignored.
+          key: PRNG key of the anchor and RoI sampling.
+
+        Returns:
+          float32 scalars ``rpn_objectness_loss``, ``rpn_box_loss``,
+          ``classifier_loss``, ``box_loss`` and ``mask_loss``; their sum is the
+          training loss.
+        """
+        c = self.config
+        images = images.astype(jnp.float32)
+        b = images.shape[0]
+        image_shape = images.shape[1:3]
+        image_sizes = jnp.asarray(image_sizes, jnp.int32)
+        gt_boxes = targets["boxes"].astype(jnp.float32)  # [B, M, 4]
+        gt_labels, gt_valid, gt_crowd = targets["labels"], targets["valid"], targets["is_crowd"]
+        k_rpn, k_roi = jax.random.split(key)
+
+        feats = self.features(images, image_sizes)
+        objectness, deltas = self.rpn(feats)  # [B, A], [B, A, 4]
+        anchors, _ = anchors_for(c, image_shape)
+        rpn_t = jax.vmap(
+            lambda g, v, cr, k: rpn_targets(
+                anchors, g, v, cr, k, c.rpn_batch_size_per_image, c.rpn_positive_fraction
+            )
+        )(gt_boxes, gt_valid, gt_crowd, jax.random.split(k_rpn, b))
+        rpn_obj, rpn_box = rpn_loss(
+            objectness, deltas, rpn_t.positive, rpn_t.negative, rpn_t.deltas, c.smooth_l1_beta
+        )
+
+        proposals, _, proposal_valid = self.proposals(
+            objectness, deltas, image_shape, image_sizes, train=True
+        )  # [B, P, 4], [B, P]; no gradient
+        roi_t = jax.vmap(
+            lambda p, pv, g, lab, v, cr, k: roi_targets(
+                p, pv, g, lab, v, cr, k, c.roi_batch_size_per_image, c.roi_positive_fraction
+            )
+        )(
+            proposals,
+            proposal_valid,
+            gt_boxes,
+            gt_labels,
+            gt_valid,
+            gt_crowd,
+            jax.random.split(k_roi, b),
+        )  # fields [B, S, ...], S = roi_batch_size_per_image
+        class_logits, box_deltas = self.box_head(feats, roi_t.rois)
+        cls, box = box_head_loss(
+            class_logits, box_deltas, roi_t.labels, roi_t.deltas, roi_t.valid, c.smooth_l1_beta
+        )
+
+        # Positives come first in the RoI slots, in random order: the mask head
+        # runs on a prefix that holds every positive (or, with a smaller
+        # mask_rois_per_image, a uniform random subset of them).
+        p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
+        p = min(p, int(c.mask_rois_per_image or p))
+        mask_rois = roi_t.rois[:, :p]  # [B, p, 4]
+        mask_logits = self.mask_head(feats, mask_rois)  # [B, p, 28, 28, K]
+        m = mask_logits.shape[2]
+        mask_t = jax.vmap(lambda gm, gb, r, i: mask_targets(gm, gb, r, i, m))(
+            targets["masks"], gt_boxes, mask_rois, roi_t.matched[:, :p]
+        )  # [B, p, 28, 28]
+        mask = mask_loss(mask_logits, roi_t.labels[:, :p], mask_t, roi_t.positive[:, :p])
+        return {
+            "rpn_objectness_loss": rpn_obj,
+            "rpn_box_loss": rpn_box,
+            "classifier_loss": cls,
+            "box_loss": box,
+            "mask_loss": mask,
+        }
 
     def __call__(
         self, images: jnp.ndarray, image_sizes: jnp.ndarray, intermediates: bool = False
