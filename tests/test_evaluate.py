@@ -15,14 +15,8 @@ from pathlib import Path
 import pytest
 
 from maskrcnn_jax import coco_eval, evaluate
-from tests.cli_fixtures import (  # noqa: F401 (fixtures)
-    ANNOTATIONS,
-    FIXTURE,
-    fake_inference,
-    shared_predictor,
-    tiny_checkpoint,
-    write_truncated_jpeg,
-)
+from tests.cli_fixtures import ANNOTATIONS, FIXTURE, write_truncated_jpeg
+from tests.cli_fixtures import fake_inference, shared_predictor, tiny_checkpoint  # noqa: F401
 
 
 def test_evaluate_cli_skips_corrupt_images(tmp_path, capsys, fake_inference):

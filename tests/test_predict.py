@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from maskrcnn_jax import class_names, coco_eval, image_io, predict
-from tests.cli_fixtures import (  # noqa: F401 (fixtures)
-    FIXTURE,
-    ANNOTATIONS,
-    fake_inference,
-    shared_predictor,
-    tiny_checkpoint,
-    write_truncated_jpeg,
-)
+from tests.cli_fixtures import FIXTURE, write_truncated_jpeg
+from tests.cli_fixtures import fake_inference, shared_predictor, tiny_checkpoint  # noqa: F401
 
 
 def test_predict_cli_reports_bad_image_and_goes_on(tmp_path, capsys, fake_inference):
