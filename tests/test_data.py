@@ -436,12 +436,14 @@ def test_dataset_config_names():
 # resource tracker's "leaked" reports are checked.
 _CHILD = """
 import json, multiprocessing, sys, time
+from multiprocessing import resource_tracker
 import ml_collections
 from maskrcnn_jax import data
 config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
 it = data.make_train_iterator(config, seed=0, batch_size=2)
 KEEP = next(it)
-print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+workers = [p.pid for p in multiprocessing.active_children()]
+print(json.dumps([workers, resource_tracker._resource_tracker._pid]), flush=True)
 if sys.argv[1] == "wait":
     time.sleep(600)
 """
@@ -478,24 +480,30 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
-def _start_child(mode: str, config_json: str, stderr) -> tuple[subprocess.Popen, list[int]]:
+def _start_child(mode: str, config_json: str, stderr) -> tuple[subprocess.Popen, list[int], int]:
+    """Starts ``_CHILD``; returns it, its worker pids and its resource tracker's pid.
+
+    The tracker reports leaks on stderr when the last process using it is
+    gone, so a test reads stderr only once the tracker has exited too.
+    """
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, mode, config_json],
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = proc.stdout.readline()
     assert line, "the child died before reading a batch"
-    workers = json.loads(line)
-    assert len(workers) == 1
-    return proc, workers
+    workers, tracker = json.loads(line)
+    assert len(workers) == 1 and tracker
+    return proc, workers, tracker
 
 
 def test_normal_exit_leaks_no_shared_memory(shapes_one_worker, tmp_path):
     with open(tmp_path / "stderr", "w+") as err:
-        proc, workers = _start_child("exit", shapes_one_worker, err)
+        proc, workers, tracker = _start_child("exit", shapes_one_worker, err)
         try:
             assert proc.wait(timeout=120) == 0
             assert _wait_gone(workers, _WORKER_EXIT_TIMEOUT_S) == []
+            assert _wait_gone([tracker], _WORKER_EXIT_TIMEOUT_S) == []
         finally:
-            _kill(proc, workers)
+            _kill(proc, workers + [tracker])
         err.seek(0)
         stderr = err.read()
     assert "leaked" not in stderr, stderr  # Neither shared_memory nor semaphore objects.
@@ -504,28 +512,29 @@ def test_normal_exit_leaks_no_shared_memory(shapes_one_worker, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_workers_exit_when_the_parent_is_signalled(shapes_one_worker, tmp_path, sig):
     with open(tmp_path / "stderr", "w+") as err:
-        proc, workers = _start_child("wait", shapes_one_worker, err)
+        proc, workers, tracker = _start_child("wait", shapes_one_worker, err)
         try:
             proc.send_signal(sig)
             code = proc.wait(timeout=120)
             assert _wait_gone(workers, _WORKER_EXIT_TIMEOUT_S) == []
+            assert _wait_gone([tracker], _WORKER_EXIT_TIMEOUT_S) == []
         finally:
-            _kill(proc, workers)
+            _kill(proc, workers + [tracker])
         err.seek(0)
         stderr = err.read()
     if sig == signal.SIGTERM:
-        # Iterators closed, exit handlers run: status 128 + 15, nothing left behind.
-        assert code == 143, stderr
+        # Iterators closed, then the process dies of the signal as before.
+        assert code == -signal.SIGTERM, stderr
         assert "leaked" not in stderr, stderr
     else:
         assert code == -signal.SIGKILL
 
 
-def _kill(proc: subprocess.Popen, workers: list[int]) -> None:
+def _kill(proc: subprocess.Popen, pids: list[int]) -> None:
     """Leaves no process behind, whatever the test's outcome."""
     if proc.poll() is None:
         proc.kill()
-    for pid in workers:
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 ours = b"multiprocessing" in f.read()  # Not a reused pid.

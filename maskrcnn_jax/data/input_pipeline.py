@@ -24,13 +24,14 @@ freed when its arrays are), so no batch handed out can outlive the process
 in ``/dev/shm``; ``InputIterator.close()`` stops the workers and unlinks what
 they had prefetched. Iterators still open are closed at interpreter exit and,
 unless the application has its own SIGTERM handler, on SIGTERM (the process
-then exits with status 143). A worker exits by itself when the process that
-started it dies (even by SIGKILL).
+then dies of the signal as before). A worker exits by itself when the process
+that started it dies (even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -108,8 +109,8 @@ class InputIterator:
     ``close()`` (or ``with``) stops the worker processes and unlinks the
     shared memory they had prefetched. Each batch's own shared memory is
     unlinked when it is received (module docstring). Iterators still open at
-    interpreter exit, or when a SIGTERM arrives while Python's default
-    SIGTERM action is in place, are closed then.
+    interpreter exit, or when a SIGTERM arrives while SIGTERM has its default
+    action, are closed then.
     """
 
     def __init__(self, loader: grain.DataLoader):
@@ -201,14 +202,12 @@ _SIGTERM_INSTALLED = False
 
 
 def _install_sigterm_handler() -> None:
-    """On SIGTERM: close the open iterators, then exit with status 143 (128 + 15).
+    """On SIGTERM: close the open iterators, then die of SIGTERM as before.
 
-    Exiting through ``SystemExit`` (rather than dying of the signal) runs the
-    interpreter's exit handlers, so that ``multiprocessing`` releases its
-    semaphores too. Installed only where SIGTERM still has Python's default
-    action (an application's own handler, such as training's preemption
-    handler, is left alone: it owns the shutdown, and interpreter exit closes
-    the iterators) and only from the main thread, where Python allows it.
+    Installed only where SIGTERM still has its default action (an
+    application's own handler, such as training's preemption handler, is
+    left alone: it owns the shutdown, and interpreter exit closes the
+    iterators) and only from the main thread, where Python allows it.
     """
     global _SIGTERM_INSTALLED
     with _SIGTERM_LOCK:
@@ -216,16 +215,24 @@ def _install_sigterm_handler() -> None:
             return
         if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
             return
-        signal.signal(signal.SIGTERM, _close_and_exit)
+        signal.signal(signal.SIGTERM, _close_and_terminate)
         _SIGTERM_INSTALLED = True
 
 
-def _close_and_exit(signum: int, frame: Any) -> None:
+def _close_and_terminate(signum: int, frame: Any) -> None:
+    """Closes the iterators, frees grain's semaphores, re-raises the signal.
+
+    The process still dies of the signal (status -15, no Python exit
+    handlers), as without this handler; collecting the closed iterators
+    first lets ``multiprocessing`` unlink their semaphores, which the
+    resource tracker would otherwise report as leaked.
+    """
     global _SIGTERM_INSTALLED
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # A second SIGTERM kills at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _SIGTERM_INSTALLED = False
     _close_open_iterators()
-    raise SystemExit(128 + signum)
+    gc.collect()
+    os.kill(os.getpid(), signum)
 
 
 def _iterate(source, sampler, operations, c) -> InputIterator:
