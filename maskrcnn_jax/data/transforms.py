@@ -40,7 +40,7 @@ class InputSpec:
 
     Attributes:
       image_size: (H, W) padded network input.
-      scales: train shorter-side choices.
+      scales: train shorter-side choices; without augmentation, the largest.
       max_size: longer-side cap.
       flip: random horizontal flip at train time.
       lsj: large-scale jitter at train time instead of scales/max_size.
