@@ -1,6 +1,7 @@
 """Inference latency on CPU: our Predictor against torchvision's eval forward, same weights.
 
-Run:  .venv/bin/python experiments/bench_inference.py [--repeats 5] [--size 480x640]
+Run (from the repository root):
+  .venv/bin/python -m experiments.bench_inference [--repeats 5] [--size 480x640]
           [--box-score-thresh 0.05]
 
 Both models hold the same random weights (the parity test's randomisation:
@@ -23,14 +24,11 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -63,7 +61,10 @@ def main() -> None:
     import torch
     import torchvision
 
-    from maskrcnn_jax.convert import config_from_state_dict, convert_torchvision_state_dict
+    from maskrcnn_jax.torchvision_weights import (
+        config_from_state_dict,
+        convert_torchvision_state_dict,
+    )
     from maskrcnn_jax.inference import Predictor
     from maskrcnn_jax.modeling import MaskRCNN
     from tests.test_parity import randomize_torchvision, synthetic_image

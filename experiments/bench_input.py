@@ -1,6 +1,7 @@
 """Input pipeline throughput at the COCO training resolution, by worker count.
 
-Run:  .venv/bin/python experiments/bench_input.py [--images 64] [--batches 40] [--workers 0 1 2]
+Run (from the repository root):
+  .venv/bin/python -m experiments.bench_input [--images 64] [--batches 40] [--workers 0 1 2]
 
 Makes a COCO-sized stand-in once (shapes drawn at 640x640, cropped to 640x480,
 4-10 instances each, saved as JPEG with a COCO-format JSON), prepares it with
@@ -58,9 +59,9 @@ def write_coco_sized_dataset(root: str, num_images: int, seed: int = 0) -> tuple
     return ann_path, img_dir
 
 
-def bench(cfg, batches: int, warmup: int = 3) -> float:
+def bench(cfg, batches: int, batch_size: int, warmup: int = 3) -> float:
     """Images per second of the train iterator after ``warmup`` batches."""
-    with data.make_train_iterator(cfg, seed=0) as it:
+    with data.make_train_iterator(cfg, seed=0, batch_size=batch_size) as it:
         for _ in range(warmup):
             next(it)
         t0 = time.perf_counter()
@@ -83,7 +84,6 @@ def main() -> None:
     cfg = data.get_dataset_config("coco")
     cfg.data_dir = os.path.join(args.workdir, "prepared")
     cfg.train_annotations, cfg.train_images = ann, imgs
-    cfg.train_batch_size = args.batch_size
     prepared = data.prepare_dataset(cfg)
     stats = prepared.split_stats["train"]
     print(f"dataset: {stats['num_images']} images 640x480, "
@@ -98,7 +98,8 @@ def main() -> None:
             c.image_size = (1024, 1024)
         for workers in args.workers:
             c.num_workers = workers
-            rows.append((mode, tuple(c.image_size), workers, bench(c, args.batches)))
+            ips = bench(c, args.batches, args.batch_size)
+            rows.append((mode, tuple(c.image_size), workers, ips))
 
     print(f"\n{'transform':<10} {'padded':>11} {'workers':>8} {'images/s':>9}")
     for mode, size, workers, ips in rows:

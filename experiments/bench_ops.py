@@ -1,6 +1,7 @@
 """RoIAlign benchmark: ours (jitted, steady state) against torchvision, same process.
 
-Run:  .venv/bin/python experiments/bench_ops.py [--impl reference|pallas] [--device-shapes]
+Run (from the repository root):
+  .venv/bin/python -m experiments.bench_ops [--impl reference|pallas] [--device-shapes]
 
 Default shapes are the box head's on this CPU: 2 images x 500 boxes, 256
 channels, one 200x272 level (stride 4), output 7x7 and 14x14, sampling_ratio 2.

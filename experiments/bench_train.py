@@ -1,6 +1,7 @@
 """Train-step benchmark on CPU: our jitted step against torchvision's train mode.
 
-Run:  .venv/bin/python experiments/bench_train.py [--repeats 3] [--instances 8]
+Run (from the repository root):
+  .venv/bin/python -m experiments.bench_train [--repeats 3] [--instances 8]
 
 Both models start from the same random weights (torchvision's
 ``maskrcnn_resnet50_fpn`` initialisation, converted), batch 2, two 800x1067
@@ -27,8 +28,6 @@ import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEIGHT, WIDTH, PADDED = 800, 1067, (800, 1088)
 
@@ -66,17 +65,15 @@ def _torch_model():
 def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     import jax
 
-    from maskrcnn_jax import convert, ops, train
+    from experiments.coco_r50_fpn_1x import get_config
+    from maskrcnn_jax import ops, torchvision_weights, train
     from maskrcnn_jax.modeling import MaskRCNN
     from maskrcnn_jax.optim import make_optimizer
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-    from coco_r50_fpn_1x import get_config
-
     sd = {k: v.numpy() for k, v in _torch_model().state_dict().items()}
     config = get_config()
-    config.model = convert.config_from_state_dict(sd, dtype="float32", roi_align_impl="reference")
-    variables = convert.convert_torchvision_state_dict(sd, config.model)
+    config.model = torchvision_weights.config_from_state_dict(sd, dtype="float32", roi_align_impl="reference")
+    variables = torchvision_weights.convert_torchvision_state_dict(sd, config.model)
     config.train.batch_size = 2
     config.model.mask_rois_per_image = mask_rois
 
@@ -168,9 +165,11 @@ def main() -> None:
     results = {}
     for which in ("ours", "torchvision"):
         out = subprocess.run(
-            [sys.executable, __file__, "--only", which, "--repeats", str(args.repeats),
-             "--instances", str(args.instances), "--mask-rois", str(args.mask_rois)],
+            [sys.executable, "-m", "experiments.bench_train", "--only", which,
+             "--repeats", str(args.repeats), "--instances", str(args.instances),
+             "--mask-rois", str(args.mask_rois)],
             check=True, capture_output=True, text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
     ours, tv = results["ours"], results["torchvision"]

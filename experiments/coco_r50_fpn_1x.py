@@ -12,15 +12,9 @@ scaling rule picks lr 0.01 on smaller cards):
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from base import get_base_config  # noqa: E402
-
-from maskrcnn_jax.data import get_dataset_config  # noqa: E402
-from maskrcnn_jax.modeling import get_model_config  # noqa: E402
+from experiments.base import get_base_config
+from maskrcnn_jax.data import get_dataset_config
+from maskrcnn_jax.modeling import get_model_config
 
 
 def get_config():

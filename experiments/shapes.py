@@ -6,14 +6,8 @@ Run (what `make train` does):
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from base import get_base_config  # noqa: E402
-
-from maskrcnn_jax.modeling import get_model_config  # noqa: E402
+from experiments.base import get_base_config
+from maskrcnn_jax.modeling import get_model_config
 
 
 def get_config():

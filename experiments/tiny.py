@@ -6,14 +6,8 @@ Run (a few seconds of compute once compiled):
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from base import get_base_config  # noqa: E402
-
-from maskrcnn_jax.modeling import get_model_config  # noqa: E402
+from experiments.base import get_base_config
+from maskrcnn_jax.modeling import get_model_config
 
 
 def get_config():
@@ -43,7 +37,6 @@ def get_config():
     ds.image_size = (64, 64)
     ds.scales = (64,)
     ds.max_size = 64
-    ds.eval_scale = 64
     ds.max_instances = 8
     ds.mask_size = 28
     ds.num_workers = 0

@@ -15,6 +15,10 @@ computes each detection's area (used for the small / medium / large ranges)
 from the geometry being evaluated. Metric values are exactly what
 ``COCOeval.summarize`` gives: fractions in [0, 1], ``-1`` where a range has no
 ground truth.
+
+:func:`run_evaluation` is the whole loop over a COCO-format file: read each
+image, run a predictor, convert, evaluate. ``python -m maskrcnn_jax.evaluate``
+and the evaluation during training both call it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn_jax import image_io
 from maskrcnn_jax.coco_names import NUM_TORCHVISION_COCO_CLASSES
 
 IOU_TYPES = ("bbox", "segm")
@@ -358,4 +363,106 @@ def evaluate_predictions(
         metrics[iou_type] = {
             name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)
         }
+    return metrics
+
+
+def run_evaluation(
+    predictor: Callable[[list[np.ndarray]], list[dict[str, Any]]],
+    annotations: str | os.PathLike | Mapping[str, Any] | COCO,
+    images_dir: str | os.PathLike,
+    max_images: int | None = None,
+    batch_size: int = 8,
+    score_threshold: float = 0.0,
+    category_ids: np.ndarray | None = None,
+    iou_types: Sequence[str] | None = None,
+    verbose: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    results_file: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Runs ``predictor`` over a COCO-format file's images and evaluates with pycocotools.
+
+    Images are taken by id (the first ``max_images`` with a limit) and read
+    in their stored pixel frame (no EXIF rotation), as COCO's annotations
+    are. Only the images actually run are evaluated: an unreadable image, or
+    one whose size differs from the annotation's ``height``/``width``, is
+    reported to ``log`` (``"skipped: <reason>"``), counted and left out
+    instead of counting as a miss.
+
+    Args:
+      predictor: maps a list of ``[H, W, 3] uint8`` images to per-image dicts
+        (``boxes [N, 4]`` xyxy original pixels, ``scores``, ``labels``,
+        ``masks [N, H, W]`` probabilities); an ``inference.Predictor``.
+      annotations: COCO ground truth (path, dict or ``COCO``).
+      images_dir: directory the ``file_name`` of each image is relative to.
+      max_images: evaluate the first N images by id only.
+      batch_size: images per predictor call.
+      score_threshold: drop detections below it (the predictor's own threshold
+        applies first).
+      category_ids: ``[num_classes]`` label -> category id; default from
+        the predictor's ``model_config`` (:func:`label_to_category_id`).
+      iou_types: default ``("bbox", "segm")``, ``("bbox",)`` if any prediction
+        has no masks.
+      verbose: print the 12-line table of each IoU type.
+      progress: show a tqdm bar (on a terminal).
+      log: receives one line per skipped image (default: stderr).
+      results_file: also write the COCO results JSON there.
+
+    Returns:
+      ``{"bbox": {STAT_NAME: value}, "segm": {...}, "images": int, "skipped": int}``.
+
+    Raises:
+      ValueError: bad annotation file, label mapping or ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    coco_gt = load_coco(annotations)
+    if category_ids is None:
+        category_ids = label_to_category_id(model_config_of(predictor), coco_gt)
+    images = sorted(coco_gt.dataset["images"], key=lambda img: img["id"])
+    if max_images is not None:
+        images = images[: max(0, max_images)]
+
+    def load(info: Mapping[str, Any]) -> np.ndarray:
+        path = os.path.join(os.fspath(images_dir), info["file_name"])
+        image = image_io.load_image(path, exif_transpose=False)
+        expected = (info.get("height"), info.get("width"))
+        if None not in expected and image.shape[:2] != tuple(expected):
+            raise image_io.ImageError(
+                f"{path}: size {image.shape[1]}x{image.shape[0]} differs from the "
+                f"annotation's {expected[1]}x{expected[0]}"
+            )
+        return image
+
+    results: list[dict[str, Any]] = []
+    done: list[int] = []
+    skipped = 0
+    all_masks = True
+    for batch in image_io.load_batches(
+        images, load, batch_size, log=log, log_prefix="skipped", progress=progress,
+        desc="evaluate",
+    ):  # fmt: skip
+        skipped += len(batch.skipped)
+        predictions = predictor(batch.images) if batch.images else []
+        for info, prediction in zip(batch.items, predictions, strict=True):
+            prediction = {k: np.asarray(v) for k, v in prediction.items()}
+            all_masks &= prediction.get("masks") is not None
+            results.extend(
+                prediction_to_results(
+                    prediction, info["id"], category_ids=category_ids,
+                    score_threshold=score_threshold,
+                )  # fmt: skip
+            )
+            done.append(info["id"])
+
+    if results_file is not None:
+        with open(results_file, "w") as f:
+            json.dump(results, f)
+    if iou_types is None:
+        iou_types = IOU_TYPES if all_masks else ("bbox",)
+    metrics: dict[str, Any] = evaluate_predictions(
+        coco_gt, results, iou_types=iou_types, image_ids=done, verbose=verbose
+    )
+    metrics["images"] = len(done)
+    metrics["skipped"] = skipped
     return metrics

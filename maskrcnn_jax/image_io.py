@@ -19,20 +19,29 @@ never transpose), so evaluation reads with ``exif_transpose=False``.
 
 Decoding is forced with ``Image.load()``; ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
 left off, so a truncated file is an error instead of a grey-padded image.
+
+``load_batches`` is the loop ``predict`` and ``evaluate`` share: read items in
+batches, report each unreadable one on one line, skip it and go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
+import tqdm
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Suffixes taken as images when a directory is given to ``list_images``.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+T = TypeVar("T")
 
 
 class ImageError(ValueError):
@@ -117,3 +126,81 @@ def list_images(paths: Iterable[str | os.PathLike]) -> list[str]:
         else:
             out.append(path)
     return out
+
+
+def log_to_stderr(message: str) -> None:
+    """Writes one line to stderr without breaking a tqdm progress bar."""
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+@dataclasses.dataclass
+class LoadedBatch(Generic[T]):
+    """One batch from :func:`load_batches`.
+
+    Attributes:
+      items: the items whose image was read, in input order.
+      images: their images, ``[H, W, 3] uint8`` each (``len(items)`` of them).
+      skipped: ``(item, one-line reason)`` for each item that could not be read.
+    """
+
+    items: list[T]
+    images: list[np.ndarray]
+    skipped: list[tuple[T, str]]
+
+
+def load_batches(
+    items: Sequence[T],
+    load: Callable[[T], np.ndarray],
+    batch_size: int,
+    log: Callable[[str], None] | None = None,
+    log_prefix: str = "skipped",
+    progress: bool = False,
+    desc: str | None = None,
+) -> Iterator[LoadedBatch[T]]:
+    """Reads ``items`` in batches, skipping (and reporting) the unreadable ones.
+
+    Each run of ``batch_size`` consecutive items (the last may be shorter)
+    gives one :class:`LoadedBatch`, even when none of its images could be
+    read (then ``images`` is empty), so callers see every item once.
+
+    Args:
+      items: what to read (paths, COCO image records ...).
+      load: item -> ``[H, W, 3] uint8`` image; raises :class:`ImageError`
+        (one line, naming the file) for an item to skip. Other exceptions
+        propagate.
+      batch_size: items per batch (>= 1).
+      log: receives ``"<log_prefix>: <reason>"``, one line per skipped item
+        (default: stderr, see :func:`log_to_stderr`).
+      log_prefix: first word of those lines.
+      progress: show a tqdm bar over the items (on a terminal), advanced
+        after the caller has handled each batch.
+      desc: the bar's label.
+
+    Yields:
+      ``LoadedBatch`` per run of ``batch_size`` items, in order.
+
+    Raises:
+      ValueError: ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if log is None:
+        log = log_to_stderr
+    items = list(items)
+    with tqdm.tqdm(
+        total=len(items), unit="img", desc=desc, disable=None if progress else True
+    ) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            batch: LoadedBatch[T] = LoadedBatch([], [], [])
+            for item in chunk:
+                try:
+                    image = load(item)
+                except ImageError as e:
+                    batch.skipped.append((item, str(e)))
+                    log(f"{log_prefix}: {e}")
+                    continue
+                batch.items.append(item)
+                batch.images.append(image)
+            yield batch
+            bar.update(len(chunk))

@@ -5,16 +5,27 @@ translucent mask (probability > ``mask_threshold``) with a solid outline, its
 box, and a label ``"<class name> <score>"`` on a filled tag above the box.
 Colours are per detection (distinct neighbouring hues), so touching objects of
 one class stay tellable apart; the text says the class.
+
+``run_prediction`` runs a predictor on image files and writes a picture of
+each (what ``python -m maskrcnn_jax.predict`` does) together with the drawn
+detections as COCO results.
 """
 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping, Sequence
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from maskrcnn_jax import coco_eval, image_io
+
+PREDICTIONS_FILE = "predictions.json"
 
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 
@@ -124,3 +135,111 @@ def draw_predictions(
         ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
         draw.text((tx + pad - left, ty + pad - top), text, fill=ink, font=font)
     return out
+
+
+@dataclasses.dataclass
+class PredictionReport:
+    """What :func:`run_prediction` did.
+
+    Attributes:
+      pictures: image path -> picture written.
+      failed: (image path, one-line reason) of each image that could not be read.
+      num_detections: detections written to ``predictions.json``.
+      predictions_file: path of ``predictions.json``.
+    """
+
+    pictures: dict[str, str]
+    failed: list[tuple[str, str]]
+    num_detections: int
+    predictions_file: str
+
+
+def picture_names(paths: Sequence[str]) -> list[str]:
+    """``<stem>.png`` per image, ``<stem>_2.png``... when stems repeat."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        names.append(f"{stem}.png" if count == 1 else f"{stem}_{count}.png")
+    return names
+
+
+def run_prediction(
+    predictor: Callable[[list[np.ndarray]], list[dict[str, Any]]],
+    image_paths: Sequence[str],
+    output_dir: str,
+    class_names: Sequence[str] | None = None,
+    score_threshold: float = 0.5,
+    batch_size: int = 1,
+    category_ids: np.ndarray | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PredictionReport:
+    """Predicts on each image; writes ``<stem>.png`` pictures and ``predictions.json``.
+
+    Images are read upright (EXIF orientation applied). An unreadable one is
+    reported to ``log`` (``"error: <reason>"``) and listed in the report's
+    ``failed``; the others go on. ``predictions.json`` is COCO results with
+    ``"image"`` (the path as given) in place of ``image_id``, written
+    atomically.
+
+    Args:
+      predictor: maps a list of ``[H, W, 3] uint8`` images to per-image dicts
+        (``boxes [N, 4]`` xyxy, ``scores``, ``labels``, ``masks [N, H, W]``).
+      image_paths: files (directories are expanded by the caller, see
+        ``image_io.list_images``).
+      output_dir: created if missing.
+      class_names: label -> name, for the pictures.
+      score_threshold: detections below it are neither drawn nor written.
+      batch_size: images per predictor call.
+      category_ids: label -> category id for the JSON (``None``: labels as ids).
+      progress: show a tqdm bar (on a terminal).
+      log: receives one line per unreadable image (default: stderr).
+
+    Returns:
+      A ``PredictionReport``.
+
+    Raises:
+      ValueError: ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    os.makedirs(output_dir, exist_ok=True)
+    paths = list(image_paths)
+    names = dict(zip(paths, picture_names(paths)))
+    report = PredictionReport({}, [], 0, os.path.join(output_dir, PREDICTIONS_FILE))
+    results: list[dict[str, Any]] = []
+
+    def load(path: str) -> np.ndarray:
+        return image_io.load_image(path, exif_transpose=True)
+
+    for batch in image_io.load_batches(
+        paths, load, batch_size, log=log, log_prefix="error", progress=progress
+    ):
+        report.failed.extend(batch.skipped)
+        predictions = predictor(batch.images) if batch.images else []
+        for path, image, prediction in zip(batch.items, batch.images, predictions, strict=True):
+            prediction = {k: np.asarray(v) for k, v in prediction.items()}
+            picture = draw_predictions(
+                image, prediction, class_names, score_threshold=score_threshold
+            )
+            picture_path = os.path.join(output_dir, names[path])
+            picture.save(picture_path)
+            report.pictures[path] = picture_path
+            results.extend(
+                coco_eval.prediction_to_results(
+                    prediction,
+                    path,
+                    category_ids=category_ids,
+                    score_threshold=score_threshold,
+                    image_key="image",
+                )
+            )
+    tmp = report.predictions_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, report.predictions_file)
+    report.num_detections = len(results)
+    return report

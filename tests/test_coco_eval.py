@@ -1,9 +1,10 @@
-"""coco_eval: results encoding, label mapping, and numbers equal to pycocotools'."""
+"""coco_eval: results encoding, label mapping, numbers equal to pycocotools', run_evaluation."""
 
 import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import ml_collections
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
+from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn_jax import coco_eval
@@ -19,6 +21,7 @@ from maskrcnn_jax.coco_names import (
     COCO_CLASS_NAMES,
     TORCHVISION_COCO_CLASS_NAMES,
 )
+from tests.cli_fixtures import FakePredictor
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "coco_tiny")
 ANNOTATIONS = os.path.join(FIXTURE, "instances.json")
@@ -203,3 +206,44 @@ def test_coco_names():
     assert TORCHVISION_COCO_CLASS_NAMES[0] == "__background__"
     assert COCO_CATEGORY_NAMES[1] == "person" and COCO_CATEGORY_NAMES[90] == "toothbrush"
     assert TORCHVISION_COCO_CLASS_NAMES[12] == "N/A" and 12 not in COCO_CATEGORY_NAMES
+
+
+# ---------------------------------------------------------------------------
+# run_evaluation: a fake predictor that returns the fixture's ground truth.
+# ---------------------------------------------------------------------------
+
+
+def test_run_evaluation_ground_truth_scores_one():
+    lines = []
+    metrics = coco_eval.run_evaluation(
+        FakePredictor(), ANNOTATIONS, FIXTURE, batch_size=3, verbose=True, log=lines.append
+    )
+    assert metrics["images"] == 4 and metrics["skipped"] == 0 and not lines
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0)
+        assert metrics[iou_type]["APl"] == pytest.approx(1.0)
+
+
+def test_run_evaluation_max_images_and_no_detections():
+    metrics = coco_eval.run_evaluation(FakePredictor(score=0.01), ANNOTATIONS, FIXTURE,
+                                       max_images=2, score_threshold=0.5)  # fmt: skip
+    assert metrics["images"] == 2
+    assert metrics["bbox"]["AP"] == 0.0 and metrics["segm"]["AR100"] == 0.0
+
+
+def test_evaluate_skips_image_of_the_wrong_size(tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(FIXTURE, images)
+    Image.new("RGB", (10, 10)).save(images / "shapes_1.png")
+    lines = []
+    metrics = coco_eval.run_evaluation(FakePredictor(), ANNOTATIONS, str(images), log=lines.append)
+    assert metrics["skipped"] == 1 and "size 10x10 differs" in lines[0]
+
+
+def test_mask_rles_of_results_file_decode(tmp_path):
+    """--predictions writes the COCO results evaluated, with str RLE counts."""
+    path = tmp_path / "results.json"
+    coco_eval.run_evaluation(FakePredictor(), ANNOTATIONS, FIXTURE, results_file=str(path))
+    results = json.loads(Path(path).read_text())
+    assert {r["category_id"] for r in results} == {1, 3, 7}
+    assert mask_util.decode(results[0]["segmentation"]).any()

@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import chex
 import ml_collections
@@ -20,8 +24,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from maskrcnn_jax import data
-from maskrcnn_jax.data import coco_json, input_pipeline, masks
+from maskrcnn_jax import batch, data
+from maskrcnn_jax.data import coco_json, input_pipeline, masks, transforms
 from maskrcnn_jax.data.errors import DatasetError, SkipCounter
 from maskrcnn_jax.data.features import objects_as_arrays
 from maskrcnn_jax.data.images import decode_image
@@ -101,12 +105,9 @@ def coco_config(root: str, ann: str, imgs: str, **overrides) -> ml_collections.C
     c.image_size = (96, 96)
     c.scales = (64, 80)
     c.max_size = 96
-    c.eval_scale = 64
     c.max_instances = 4
     c.mask_size = 16
     c.num_workers = 0
-    c.train_batch_size = 2
-    c.eval_batch_size = 2
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -189,13 +190,22 @@ def test_strict_preparation_names_file_and_annotation(tmp_path):
         data.prepare_dataset(cfg)
 
 
-def test_eval_iterator_one_padded_pass(coco):
+def _deterministic_pass(cfg, split: str = "validation") -> dict[str, np.ndarray]:
+    """Every record of a split through the deterministic transform, plus one empty example."""
+    spec = data.InputSpec.from_config(cfg)
+    source = data.prepare_dataset(cfg).data_source(split)
+    examples = [data.preprocess(source[i], spec, train=False) for i in range(len(source))]
+    examples.append(transforms.empty_example(spec))
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def test_deterministic_transform_of_a_split(coco):
+    """No augmentation: no flip, no crop, the largest of ``scales`` as shorter side."""
     cfg, _ = coco
-    with data.make_eval_iterator(cfg) as it:
-        batches = list(it)
-    assert len(batches) == 3  # 5 images, batch 2: padded to 6.
-    b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
-    assert set(b) == set(data.BATCH_KEYS)
+    cfg = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations, cfg.train_images,
+                      skip_bad_annotations=True, scales=(48, 64))
+    b = _deterministic_pass(cfg)
+    assert set(b) == set(data.BATCH_KEYS) == set(batch.BATCH_KEYS)
     chex.assert_shape(b["image"], (6, 96, 96, 3))
     chex.assert_shape(b["boxes"], (6, 4, 4))
     chex.assert_shape(b["masks"], (6, 4, 16, 16))
@@ -217,21 +227,22 @@ def test_eval_iterator_one_padded_pass(coco):
     assert not b["valid"][5].any()
 
 
-def test_truncation_warned_up_front_and_counted_per_batch(coco, caplog):
+def test_truncation_warned_up_front_and_counted_per_example(coco, caplog):
     cfg, _ = coco
     cfg = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations, cfg.train_images,
                       skip_bad_annotations=True, max_instances=1)
     with caplog.at_level(logging.WARNING):
-        with data.make_eval_iterator(cfg) as it:
-            batches = list(it)
+        data.make_train_iterator(cfg, seed=0, batch_size=2).close()
     assert "1 images have more than max_instances=1" in caplog.text
-    assert sum(int(b["num_truncated"].sum()) for b in batches) == 1  # Image 10's crowd.
-    assert all(b["masks"].shape[1] == 1 for b in batches)
+    b = _deterministic_pass(cfg, "train")
+    assert int(b["num_truncated"].sum()) == 1  # Image 10's crowd.
+    assert b["masks"].shape[1] == 1
 
 
 def test_train_iterator_deterministic_and_drops_empty_on_request(coco):
     cfg, _ = coco
-    with data.make_train_iterator(cfg, seed=3) as a, data.make_train_iterator(cfg, seed=3) as b:
+    with (data.make_train_iterator(cfg, seed=3, batch_size=2) as a,
+          data.make_train_iterator(cfg, seed=3, batch_size=2) as b):
         xa, xb = input_pipeline.take(a, 4), input_pipeline.take(b, 4)
     for u, v in zip(xa, xb):
         for k in u:
@@ -239,13 +250,13 @@ def test_train_iterator_deterministic_and_drops_empty_on_request(coco):
     # Each epoch of 5 images (2.5 batches) is a permutation; epochs differ.
     ids = np.concatenate([x["image_id"] for x in xa])
     assert sorted(ids[:5].tolist()) == [10, 20, 30, 40, 50]
-    with data.make_train_iterator(cfg, seed=4) as c:
+    with data.make_train_iterator(cfg, seed=4, batch_size=2) as c:
         xc = input_pipeline.take(c, 4)
     assert any(not np.array_equal(u["image"], v["image"]) for u, v in zip(xa, xc))
 
     cfg_drop = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations,
                            cfg.train_images, skip_bad_annotations=True, drop_empty_images=True)
-    with data.make_train_iterator(cfg_drop, seed=0) as d:
+    with data.make_train_iterator(cfg_drop, seed=0, batch_size=2) as d:
         ids = np.concatenate([x["image_id"] for x in input_pipeline.take(d, 6)])
     assert 50 not in ids and set(ids.tolist()) == {10, 20, 30, 40}
 
@@ -255,11 +266,11 @@ def test_iterator_state_restore_reproduces_next_batches(coco, workers):
     cfg, _ = coco
     cfg = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations, cfg.train_images,
                       skip_bad_annotations=True, num_workers=workers)
-    with data.make_train_iterator(cfg, seed=0) as it:
+    with data.make_train_iterator(cfg, seed=0, batch_size=2) as it:
         input_pipeline.take(it, 2)
         state = it.get_state()
         expected = input_pipeline.take(it, 3)
-    with data.make_train_iterator(cfg, seed=0) as it:
+    with data.make_train_iterator(cfg, seed=0, batch_size=2) as it:
         it.set_state(state)
         got = input_pipeline.take(it, 3)
     for u, v in zip(expected, got):
@@ -267,27 +278,33 @@ def test_iterator_state_restore_reproduces_next_batches(coco, workers):
             np.testing.assert_array_equal(u[k], v[k])
 
 
-def test_eval_sharded_across_processes(coco):
+def test_train_iterator_shards_across_processes(coco):
+    """Each process reads a disjoint share: 5 records over 2 processes, 2 each (one dropped)."""
     cfg, _ = coco
     seen = []
     for p in range(2):
-        with data.make_eval_iterator(cfg, process_index=p, process_count=2, batch_size=2) as it:
-            batches = list(it)
-        assert all(x["image"].shape[0] == 1 for x in batches) and len(batches) == 3
-        seen += [int(i) for x in batches for i in x["image_id"]]
-    assert sorted(seen) == [-1, 10, 20, 30, 40, 50]
+        with data.make_train_iterator(cfg, seed=0, process_index=p, process_count=2,
+                                      batch_size=2) as it:
+            batches = input_pipeline.take(it, 2)  # One epoch of this process's share.
+        assert all(x["image"].shape[0] == 1 for x in batches)
+        ids = [int(i) for x in batches for i in x["image_id"]]
+        assert len(set(ids)) == 2
+        seen.append(set(ids))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] <= {10, 20, 30, 40, 50}
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        data.make_train_iterator(cfg, seed=0, process_count=2, batch_size=3)
 
 
-def test_eval_with_workers_keeps_batches_full(coco):
-    """Each grain worker batches its own share: the padding makes those whole batches."""
+def test_train_iterator_with_workers_keeps_batches_full(coco):
+    """Each grain worker batches its own share; every batch is full (remainders dropped)."""
     cfg, _ = coco
     cfg = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations, cfg.train_images,
                       skip_bad_annotations=True, num_workers=2)
-    with data.make_eval_iterator(cfg, batch_size=2) as it:
-        batches = list(it)
-    assert len(batches) == 4 and all(x["image"].shape[0] == 2 for x in batches)  # 5 -> 8.
+    with data.make_train_iterator(cfg, seed=0, batch_size=2) as it:
+        batches = input_pipeline.take(it, 4)
+    assert len(batches) == 4 and all(x["image"].shape[0] == 2 for x in batches)
     ids = [int(i) for x in batches for i in x["image_id"]]
-    assert sorted(i for i in ids if i != -1) == [10, 20, 30, 40, 50]
+    assert set(ids) <= {10, 20, 30, 40, 50} and -1 not in ids
 
 
 BAD_CASES = {
@@ -363,7 +380,7 @@ def test_shapes_builder_and_its_coco_export_agree(tmp_path):
     cfg.data_dir = str(tmp_path / "prepared")
     cfg.shapes.num_train, cfg.shapes.num_val, cfg.shapes.image_size = 12, 4, 64
     cfg.shapes.max_size = 40
-    cfg.image_size, cfg.scales, cfg.max_size, cfg.eval_scale = (64, 64), (64,), 64, 64
+    cfg.image_size, cfg.scales, cfg.max_size = (64, 64), (64,), 64
     cfg.max_instances, cfg.mask_size, cfg.num_workers = 4, 16, 0
     prepared = data.prepare_dataset(cfg)
     assert prepared.categories == data.SHAPES_CATEGORIES
@@ -399,6 +416,131 @@ def test_dataset_config_names():
                 "max_instances", "mask_size", "scales", "flip", "lsj", "skip_bad_annotations",
                 "drop_empty_images", "num_workers", "prefetch", "shapes"):
         assert key in c, key
+    for key in ("train_batch_size", "eval_batch_size", "eval_scale"):  # train.batch_size owns it.
+        assert key not in c, key
     assert data.get_dataset_config("coco").max_size == 1333
     with pytest.raises(ValueError):
         data.get_dataset_config("voc")
+
+
+# ---------------------------------------------------------------------------
+# Clean exit: grain workers and their shared memory (each case a subprocess).
+# ---------------------------------------------------------------------------
+
+# Builds a train iterator with one grain worker, reads a batch and keeps it
+# alive to the end (as a device buffer of the last step can), prints the
+# workers' pids; then exits normally ("exit") or waits to be signalled
+# ("wait"). A batch in a module global is collected during interpreter
+# teardown, where grain's SharedMemoryArray.__del__ prints "Exception ignored"
+# (its module is cleared by then): grain's noise, not a leak, so only the
+# resource tracker's "leaked" reports are checked.
+_CHILD = """
+import json, multiprocessing, sys, time
+from multiprocessing import resource_tracker
+import ml_collections
+from maskrcnn_jax import data
+config = ml_collections.ConfigDict(json.loads(sys.argv[2]))
+it = data.make_train_iterator(config, seed=0, batch_size=2)
+KEEP = next(it)
+workers = [p.pid for p in multiprocessing.active_children()]
+print(json.dumps([workers, resource_tracker._resource_tracker._pid]), flush=True)
+if sys.argv[1] == "wait":
+    time.sleep(600)
+"""
+# Generous for a loaded 2-core machine; the worker notices its parent's death
+# at once, and without that it lived on for minutes (hours in the issue).
+_WORKER_EXIT_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def shapes_one_worker(tmp_path_factory) -> str:
+    """A prepared tiny shapes dataset; the config (JSON) reads it with one worker."""
+    cfg = data.get_dataset_config()
+    cfg.data_dir = str(tmp_path_factory.mktemp("shapes_one_worker"))
+    cfg.shapes.num_train, cfg.shapes.num_val, cfg.shapes.image_size = 8, 2, 64
+    cfg.image_size, cfg.scales, cfg.max_size = (64, 64), (64,), 64
+    cfg.max_instances, cfg.mask_size, cfg.num_workers = 4, 8, 1
+    data.prepare_dataset(cfg)
+    return cfg.to_json()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+def _start_child(mode: str, config_json: str, stderr) -> tuple[subprocess.Popen, list[int], int]:
+    """Starts ``_CHILD``; returns it, its worker pids and its resource tracker's pid.
+
+    The tracker reports leaks on stderr when the last process using it is
+    gone, so a test reads stderr only once the tracker has exited too.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, mode, config_json],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    line = proc.stdout.readline()
+    assert line, "the child died before reading a batch"
+    workers, tracker = json.loads(line)
+    assert len(workers) == 1 and tracker
+    return proc, workers, tracker
+
+
+def test_normal_exit_leaks_no_shared_memory(shapes_one_worker, tmp_path):
+    with open(tmp_path / "stderr", "w+") as err:
+        proc, workers, tracker = _start_child("exit", shapes_one_worker, err)
+        try:
+            assert proc.wait(timeout=120) == 0
+            assert _wait_gone(workers, _WORKER_EXIT_TIMEOUT_S) == []
+            assert _wait_gone([tracker], _WORKER_EXIT_TIMEOUT_S) == []
+        finally:
+            _kill(proc, workers + [tracker])
+        err.seek(0)
+        stderr = err.read()
+    assert "leaked" not in stderr, stderr  # Neither shared_memory nor semaphore objects.
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_workers_exit_when_the_parent_is_signalled(shapes_one_worker, tmp_path, sig):
+    with open(tmp_path / "stderr", "w+") as err:
+        proc, workers, tracker = _start_child("wait", shapes_one_worker, err)
+        try:
+            proc.send_signal(sig)
+            code = proc.wait(timeout=120)
+            assert _wait_gone(workers, _WORKER_EXIT_TIMEOUT_S) == []
+            assert _wait_gone([tracker], _WORKER_EXIT_TIMEOUT_S) == []
+        finally:
+            _kill(proc, workers + [tracker])
+        err.seek(0)
+        stderr = err.read()
+    if sig == signal.SIGTERM:
+        # Iterators closed, then the process dies of the signal as before.
+        assert code == -signal.SIGTERM, stderr
+        assert "leaked" not in stderr, stderr
+    else:
+        assert code == -signal.SIGKILL
+
+
+def _kill(proc: subprocess.Popen, pids: list[int]) -> None:
+    """Leaves no process behind, whatever the test's outcome."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = b"multiprocessing" in f.read()  # Not a reused pid.
+        except FileNotFoundError:
+            continue
+        if ours and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()

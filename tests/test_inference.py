@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from maskrcnn_jax.inference import Predictor, default_buckets, resize_image, resized_size
 from maskrcnn_jax.modeling.mask_rcnn import normalize_images
@@ -158,56 +157,6 @@ def test_predictor_rejects_bad_images(predictor):
         predictor([np.zeros((32, 32, 4), np.uint8)])
     with pytest.raises(ValueError, match="list"):
         predictor(good)
-
-
-def test_convert_cli_and_from_checkpoint(tmp_path):
-    """torchvision .pth -> convert CLI -> checkpoint -> Predictor, same as direct conversion."""
-    from torchvision.models.detection import MaskRCNN as TVMaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    from maskrcnn_jax import convert
-
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    tv = TVMaskRCNN(backbone, num_classes=3, min_size=64, max_size=96)
-    torch.save(tv.state_dict(), tmp_path / "model.pth")
-    assert (
-        convert.main(
-            [
-                "--from",
-                "torchvision",
-                "--input",
-                str(tmp_path / "model.pth"),
-                "--output",
-                str(tmp_path / "ckpt"),
-            ]
-        )
-        == 0
-    )
-    predictor = Predictor.from_checkpoint(str(tmp_path / "ckpt"))
-    assert predictor.config.num_classes == 3 and predictor.config.min_size == 800
-    state = {k: v.numpy() for k, v in tv.state_dict().items()}
-    direct = convert.convert_torchvision_state_dict(state, convert.config_from_state_dict(state))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), predictor.variables, direct
-    )
-
-
-def test_convert_cli_backbone_only(tmp_path):
-    """A torchvision ResNet classification .pth -> backbone-only checkpoint."""
-    from maskrcnn_jax import convert
-    from maskrcnn_jax.checkpoint import load_model
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    torch.save(net.state_dict(), tmp_path / "resnet18.pth")
-    args = ["--input", str(tmp_path / "resnet18.pth"), "--output", str(tmp_path / "ckpt")]
-    assert convert.main([*args, "--backbone-only", "--num-classes", "5"]) == 0
-    variables, config = load_model(str(tmp_path / "ckpt"))
-    assert (config.depth, config.num_classes) == (18, 5)
-    assert set(variables["params"]) == {"backbone"} and set(variables["constants"]) == {"backbone"}
-    direct = convert.load_torchvision_backbone(str(tmp_path / "resnet18.pth"), config)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables, direct)
 
 
 def test_postprocess_without_detections():

@@ -203,7 +203,7 @@ def test_resnet18_backbone_matches_torchvision():
     """Basic blocks + converter: C2..C5 equal torchvision's resnet18."""
     from torchvision.models._utils import IntermediateLayerGetter
 
-    from maskrcnn_jax.convert import convert_torchvision_backbone
+    from maskrcnn_jax.torchvision_weights import convert_torchvision_backbone
 
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None)
@@ -331,45 +331,6 @@ def test_detect_matches_torchvision():
         np.testing.assert_allclose(boxes[i, :m], ref[0][i].numpy(), atol=1e-4)
         np.testing.assert_allclose(scores[i, :m], ref[1][i].numpy(), atol=1e-6)
         np.testing.assert_array_equal(labels[i, :m], ref[2][i].numpy())
-
-
-def _tiny_torchvision_maskrcnn():
-    from torchvision.models.detection import MaskRCNN as TVMaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    return TVMaskRCNN(backbone, num_classes=3, min_size=64, max_size=96)
-
-
-def test_converter_names_and_errors():
-    from maskrcnn_jax.convert import config_from_state_dict, convert_torchvision_state_dict
-
-    state = {k: v.numpy() for k, v in _tiny_torchvision_maskrcnn().state_dict().items()}
-    config = config_from_state_dict(state)
-    assert (config.depth, config.num_classes, config.backbone_width) == (18, 3, 64)
-    variables = convert_torchvision_state_dict(state, config)
-    # Legacy key names (released COCO checkpoints) convert to the same variables.
-    legacy = {}
-    for key, value in state.items():
-        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
-        for i in range(4):
-            key = key.replace(
-                f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}."
-            )
-            key = key.replace(f"fpn.inner_blocks.{i}.0.", f"fpn.inner_blocks.{i}.")
-            key = key.replace(f"fpn.layer_blocks.{i}.0.", f"fpn.layer_blocks.{i}.")
-        legacy["module." + key] = value
-    again = convert_torchvision_state_dict(legacy, config)
-    jax.tree.map(np.testing.assert_array_equal, variables, again)
-    with pytest.raises(ValueError, match="shape"):
-        convert_torchvision_state_dict(state, config_from_state_dict(state, num_classes=5))
-    with pytest.raises(ValueError, match="not converted"):
-        convert_torchvision_state_dict(
-            {**state, "roi_heads.keypoint_head.0.weight": np.zeros(3)}, config
-        )
-    with pytest.raises(ValueError, match="frozen_bn"):
-        convert_torchvision_state_dict(state, config_from_state_dict(state, norm="gn"))
 
 
 def test_pallas_roi_align_gives_the_same_detections(tiny_model, tiny_out):

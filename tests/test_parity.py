@@ -22,7 +22,10 @@ import pytest
 import torch
 import torchvision
 
-from maskrcnn_jax.convert import config_from_state_dict, convert_torchvision_state_dict
+from maskrcnn_jax.torchvision_weights import (
+    config_from_state_dict,
+    convert_torchvision_state_dict,
+)
 from maskrcnn_jax.inference import Predictor, resize_image, resized_size
 from maskrcnn_jax.modeling import MaskRCNN
 from maskrcnn_jax.ops import box_iou

@@ -4,8 +4,8 @@ Typical use::
 
     from maskrcnn_jax import data
     cfg = data.get_dataset_config()              # 'shapes'; or get_dataset_config('coco')
-    it = data.make_train_iterator(cfg, seed=0)   # infinite; it.get_state() / set_state()
-    batch = next(it)                             # dict of numpy arrays, see input_pipeline
+    it = data.make_train_iterator(cfg, seed=0, batch_size=8)  # infinite; get/set_state()
+    batch = next(it)            # dict of numpy arrays, keys and shapes in maskrcnn_jax/batch.py
     categories = data.get_category_map(cfg)      # labels 1..K <-> category ids, names
 """
 
@@ -22,7 +22,6 @@ from maskrcnn_jax.data.errors import DatasetError
 from maskrcnn_jax.data.input_pipeline import (
     BATCH_KEYS,
     InputIterator,
-    make_eval_iterator,
     make_train_iterator,
 )
 from maskrcnn_jax.data.shapes import SHAPES_CATEGORIES, write_shapes_coco
@@ -39,7 +38,6 @@ __all__ = [
     "get_builder",
     "get_category_map",
     "get_dataset_config",
-    "make_eval_iterator",
     "make_train_iterator",
     "prepare_dataset",
     "preprocess",

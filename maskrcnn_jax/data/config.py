@@ -62,9 +62,8 @@ def get_dataset_config(name: str = "shapes") -> ml_collections.ConfigDict:
     # Geometry of the network input.
     # Padded input [H, W]: every batch has this size so the step compiles once.
     c.image_size = (128, 128)
-    c.scales = (128,)  # Train: shorter side drawn from these.
-    c.max_size = 128  # Longer side cap (train and eval).
-    c.eval_scale = 128  # Eval: shorter side.
+    c.scales = (128,)  # Train: shorter side drawn from these (no augmentation: the largest).
+    c.max_size = 128  # Longer side cap.
     c.flip = True  # Random horizontal flip (train only).
     # Large-scale jitter (replaces scales/max_size at train time): resize so
     # the image fits image_size, times a random factor in [min_scale,
@@ -82,9 +81,7 @@ def get_dataset_config(name: str = "shapes") -> ml_collections.ConfigDict:
     c.mask_size = 56  # Side S of the box-cropped instance masks [M, S, S].
     c.drop_empty_images = False  # Train only: drop images with no non-crowd instance.
 
-    # Loader.
-    c.train_batch_size = 8  # Global, across processes.
-    c.eval_batch_size = 8  # Global, across processes.
+    # Loader. (The batch size is training's: config.train.batch_size.)
     c.num_workers = 1  # grain worker processes (0 = in the main process).
     c.prefetch = 2  # Batches each worker produces ahead.
 
@@ -92,7 +89,6 @@ def get_dataset_config(name: str = "shapes") -> ml_collections.ConfigDict:
         c.image_size = (1344, 1344)
         c.scales = (640, 672, 704, 736, 768, 800)
         c.max_size = 1333
-        c.eval_scale = 800
         c.lsj.min_scale = 0.1
         c.lsj.max_scale = 2.0
         c.skip_bad_annotations = True  # COCO 2017 has a few degenerate polygons.

@@ -11,31 +11,33 @@ iterator's ``get_state()`` / ``set_state()`` resume a stream exactly (grain's
 orbax checkpoint handler accepts the iterator too; grain refuses a state
 saved with a different worker count).
 
-Batch (B = per-process batch size, M = max_instances, S = mask_size, [H, W]
-= image_size); see ``transforms.py`` for the padding values::
+A batch holds ``BATCH_KEYS`` with the shapes and dtypes of
+``maskrcnn_jax/batch.py`` (B = per-process batch size), e.g. ``image [B, H, W,
+3] uint8`` RGB 0..255, un-normalised: the model normalises the image itself
+(torchvision's mean/std); shipping raw uint8 is a quarter of float32's
+host-to-device traffic.
 
-    image          [B, H, W, 3] uint8 (or float32) RGB 0..255, un-normalised
-    boxes          [B, M, 4] float32 xyxy, padded-input pixels
-    labels         [B, M] int32 1..K, 0 in padding slots
-    masks          [B, M, S, S] uint8 {0, 1}, each instance's mask cropped to its box
-    is_crowd       [B, M] bool
-    valid          [B, M] bool
-    image_id       [B] int32
-    original_size  [B, 2] int32 (h, w) before resizing
-    image_size     [B, 2] int32 (h, w) of the resized image inside the padding
-    scale          [B] float32 resize factor
-    valid_image    [B] bool (False: padding example of the last eval batch)
-    num_truncated  [B] int32 instances dropped over max_instances
-
-The model normalises the image itself (torchvision's mean/std); the pipeline
-ships raw 0..255 uint8, a quarter of float32's host-to-device traffic.
+Worker processes and shared memory. With ``num_workers > 0`` grain's workers
+hand batches over in POSIX shared memory. Here each batch's shared-memory
+names are unlinked as soon as it is received (its pages stay mapped, and are
+freed when its arrays are), so no batch handed out can outlive the process
+in ``/dev/shm``; ``InputIterator.close()`` stops the workers and unlinks what
+they had prefetched. Iterators still open are closed at interpreter exit and,
+unless the application has its own SIGTERM handler, on SIGTERM (the process
+then dies of the signal as before). A worker exits by itself when the process
+that started it dies (even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
-import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 import weakref
 from typing import Any, Iterator
 
@@ -44,15 +46,13 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from maskrcnn_jax.batch import BATCH_KEYS
 from maskrcnn_jax.data import transforms
 from maskrcnn_jax.data.datasets import PreparedDataset, dataset_config, prepare_dataset
 
 logger = logging.getLogger(__name__)
 
-BATCH_KEYS = (
-    "image", "boxes", "labels", "masks", "is_crowd", "valid", "image_id", "original_size",
-    "image_size", "scale", "valid_image", "num_truncated",
-)
+__all__ = ["BATCH_KEYS", "InputIterator", "make_train_iterator", "take"]
 
 
 def make_train_iterator(
@@ -61,7 +61,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     *,
-    batch_size: int | None = None,
+    batch_size: int,
 ) -> InputIterator:
     """Infinite, per-epoch shuffled training batches of this process's shard.
 
@@ -74,15 +74,15 @@ def make_train_iterator(
       seed: shuffling and augmentation seed (0 <= seed < 2**32).
       process_index: this process (``jax.process_index()``).
       process_count: number of processes (``jax.process_count()``).
-      batch_size: global batch size; default ``config.train_batch_size``.
+      batch_size: global batch size (training's ``train.batch_size``).
 
     Returns:
-      An :class:`InputIterator` of batches (module docstring) of
+      An :class:`InputIterator` of batches (``maskrcnn_jax/batch.py``) of
       ``batch_size // process_count`` examples; ``get_state()`` /
       ``set_state()`` resume it exactly.
     """
     c = dataset_config(config)
-    per_process = _per_process_batch(batch_size or c.train_batch_size, process_count)
+    per_process = _per_process_batch(batch_size, process_count)
     prepared = prepare_dataset(c)
     spec = transforms.InputSpec.from_config(c)
     source = prepared.data_source("train")
@@ -101,86 +101,64 @@ def make_train_iterator(
     return _iterate(source, sampler, operations, c)
 
 
-def make_eval_iterator(
-    config: ml_collections.ConfigDict,
-    split: str = "validation",
-    process_index: int = 0,
-    process_count: int = 1,
-    *,
-    batch_size: int | None = None,
-) -> InputIterator:
-    """One deterministic pass over a split, no augmentation, every batch full.
-
-    The split is padded with padding examples (``valid_image`` False,
-    ``image_id`` -1, nothing valid) to a multiple of the global batch size
-    times ``max(num_workers, 1)``, so all processes yield the same number of
-    full batches and every real image is seen exactly once across processes.
-
-    Args:
-      config: dataset config (or a config with a ``dataset`` field).
-      split: ``'validation'`` or ``'train'``.
-      process_index: this process.
-      process_count: number of processes.
-      batch_size: global batch size; default ``config.eval_batch_size``.
-
-    Returns:
-      An :class:`InputIterator` of ``len(padded split) / batch_size`` batches
-      of ``batch_size // process_count`` examples (module docstring).
-    """
-    c = dataset_config(config)
-    global_batch = batch_size or c.eval_batch_size
-    per_process = _per_process_batch(global_batch, process_count)
-    prepared = prepare_dataset(c)
-    spec = transforms.InputSpec.from_config(c)
-    source = prepared.data_source(split)
-    _warn_truncation(prepared, split, spec.max_instances)
-    # grain splits a process's records across its workers, and each worker
-    # batches its own share: pad so that every worker's share is whole batches.
-    multiple = global_batch * max(int(c.num_workers), 1)
-    padded = _PaddedSource(source, math.ceil(len(source) / multiple) * multiple)
-    sampler = grain.IndexSampler(
-        num_records=len(padded),
-        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=False),
-        shuffle=False,
-        num_epochs=1,
-    )
-    operations = [_EvalPreprocess(spec), grain.Batch(per_process, drop_remainder=False)]
-    return _iterate(padded, sampler, operations, c)
-
-
 class InputIterator:
     """Batches of a grain DataLoader, with resumable state and explicit shutdown.
 
     ``get_state() -> bytes`` and ``set_state(bytes)`` are grain's (so grain's
     orbax ``PyGrainCheckpointHandler`` saves and restores this object);
-    ``close()`` (or ``with``) stops the worker processes and frees their
-    shared memory; iterators still open at interpreter exit are closed then.
+    ``close()`` (or ``with``) stops the worker processes and unlinks the
+    shared memory they had prefetched. Each batch's own shared memory is
+    unlinked when it is received (module docstring). Iterators still open at
+    interpreter exit, or when a SIGTERM arrives while SIGTERM has its default
+    action, are closed then.
     """
 
     def __init__(self, loader: grain.DataLoader):
         self._loader = loader
         self._iterator = iter(loader)
+        self._closed = False
         _OPEN_ITERATORS.add(self)
+        _install_sigterm_handler()
 
     def __iter__(self) -> InputIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        if self._closed:
+            raise ValueError("the input iterator is closed")
+        batch = next(self._iterator)
+        for value in batch.values():
+            _unlink_on_receipt(value)
+        return batch
 
     def get_state(self) -> bytes:
         """The position in the stream (JSON bytes)."""
+        if self._closed:
+            raise ValueError("the input iterator is closed")
         return self._iterator.get_state()
 
     def set_state(self, state: bytes) -> None:
         """Continues the stream from a ``get_state()`` value."""
+        if self._closed:
+            raise ValueError("the input iterator is closed")
         self._iterator.set_state(state)
 
     def close(self) -> None:
-        """Stops the workers; the iterator cannot be used afterwards."""
+        """Stops the workers and frees their shared memory; idempotent.
+
+        The iterator cannot be used afterwards; batches already received stay
+        valid.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_ITERATORS.discard(self)
         inner = getattr(self._iterator, "_iterator", None)  # grain's DatasetIterator.
         if inner is not None and hasattr(inner, "close"):
-            inner.close()
+            inner.close()  # Joins the workers and unlinks their queued batches.
+        # Drop grain's objects now: collected during interpreter teardown, their
+        # __del__ would close them again and fail noisily on cleared modules.
+        self._iterator = self._loader = None
 
     def __enter__(self) -> InputIterator:
         return self
@@ -192,11 +170,69 @@ class InputIterator:
 _OPEN_ITERATORS: weakref.WeakSet[InputIterator] = weakref.WeakSet()
 
 
+def _unlink_on_receipt(array: Any) -> None:
+    """Unlinks the shared-memory name behind a received grain array, if any.
+
+    grain's ``SharedMemoryArray`` unlinks its block when the array is garbage
+    collected, from a background thread; an array still alive at exit (held
+    by a device buffer, say) or collected just before it is never unlinked,
+    and the resource tracker reports it as leaked. Unlinking at once removes
+    only the name: the mapping, and so the array, stays valid until the
+    array is freed. The array is then told not to unlink again.
+    """
+    shm = getattr(array, "shm", None)
+    if shm is None or not getattr(array, "_unlink_on_del", False):
+        return  # A plain array (num_workers=0, or a small array grain did not share).
+    array._unlink_on_del = False  # grain's flag: its __del__ now only unmaps.
+    try:
+        shm.unlink()  # Also unregisters the block from the resource tracker.
+    except FileNotFoundError:
+        pass
+
+
 @atexit.register
 def _close_open_iterators() -> None:
     """Stops workers before interpreter teardown (grain's own cleanup is noisy then)."""
     for iterator in list(_OPEN_ITERATORS):
         iterator.close()
+
+
+_SIGTERM_LOCK = threading.Lock()
+_SIGTERM_INSTALLED = False
+
+
+def _install_sigterm_handler() -> None:
+    """On SIGTERM: close the open iterators, then die of SIGTERM as before.
+
+    Installed only where SIGTERM still has its default action (an
+    application's own handler, such as training's preemption handler, is
+    left alone: it owns the shutdown, and interpreter exit closes the
+    iterators) and only from the main thread, where Python allows it.
+    """
+    global _SIGTERM_INSTALLED
+    with _SIGTERM_LOCK:
+        if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _close_and_terminate)
+        _SIGTERM_INSTALLED = True
+
+
+def _close_and_terminate(signum: int, frame: Any) -> None:
+    """Closes the iterators, frees grain's semaphores, re-raises the signal.
+
+    The process still dies of the signal (status -15, no Python exit
+    handlers), as without this handler; collecting the closed iterators
+    first lets ``multiprocessing`` unlink their semaphores, which the
+    resource tracker would otherwise report as leaked.
+    """
+    global _SIGTERM_INSTALLED
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _SIGTERM_INSTALLED = False
+    _close_open_iterators()
+    gc.collect()
+    os.kill(os.getpid(), signum)
 
 
 def _iterate(source, sampler, operations, c) -> InputIterator:
@@ -211,7 +247,51 @@ def _iterate(source, sampler, operations, c) -> InputIterator:
     return InputIterator(loader)
 
 
-class _TrainPreprocess(grain.RandomMapTransform):
+# ------------------------------------------------------------ worker processes
+
+
+_WATCHDOG_STARTED = False
+
+
+def _exit_with_parent() -> None:
+    """In a grain worker process: exit as soon as the parent process is gone.
+
+    grain (0.2) offers no option for it, and its workers otherwise wait for
+    the parent forever (a trainer killed with SIGKILL left one alive for
+    hours). A daemon thread waits on the sentinel ``multiprocessing`` gives
+    every spawned child (a pipe the parent holds open until it dies), then
+    ends the process. Blocks the worker had in shared memory are unlinked by
+    the resource tracker once both processes are gone. A no-op outside a
+    ``multiprocessing`` child and after the first call.
+    """
+    global _WATCHDOG_STARTED
+    parent = multiprocessing.parent_process()
+    if parent is None or _WATCHDOG_STARTED:
+        return
+    _WATCHDOG_STARTED = True
+    threading.Thread(
+        target=_exit_when_ready, args=(parent.sentinel,), name="exit-with-parent", daemon=True
+    ).start()
+
+
+def _exit_when_ready(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
+
+
+class _ExitsWithParent:
+    """Transforms shipped to grain workers: unpickling one there starts the watchdog.
+
+    grain's DataLoader takes no worker initialiser, but every worker unpickles
+    the pipeline's transforms before it reads a record.
+    """
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _exit_with_parent()
+
+
+class _TrainPreprocess(_ExitsWithParent, grain.RandomMapTransform):
     def __init__(self, spec: transforms.InputSpec):
         self.spec = spec
 
@@ -219,35 +299,11 @@ class _TrainPreprocess(grain.RandomMapTransform):
         return transforms.preprocess(element, self.spec, train=True, rng=rng)
 
 
-class _EvalPreprocess(grain.MapTransform):
-    def __init__(self, spec: transforms.InputSpec):
-        self.spec = spec
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        if element.get("_padding", False):
-            return transforms.empty_example(self.spec)
-        return transforms.preprocess(element, self.spec, train=False)
-
-
-class _HasInstances(grain.FilterTransform):
+class _HasInstances(_ExitsWithParent, grain.FilterTransform):
     """Keeps images with at least one non-crowd instance."""
 
     def filter(self, element: dict[str, Any]) -> bool:
         return not bool(np.all(np.asarray(element["objects"]["is_crowd"], bool)))
-
-
-class _PaddedSource:
-    """A data source extended to ``length`` records with padding markers."""
-
-    def __init__(self, source: Any, length: int):
-        self.source = source
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.source[index] if index < len(self.source) else {"_padding": True}
 
 
 def _per_process_batch(global_batch: int, process_count: int) -> int:

@@ -9,21 +9,9 @@ masks are never resized at full size: each kept instance's mask is sampled
 directly from the decoded source mask at the cells of its output box (see
 ``mask_crop.py``).
 
-Output of :func:`preprocess` (M = max_instances, S = mask_size)::
-
-    image          [H, W, 3] uint8 (or float32) RGB 0..255, un-normalised;
-                   zero outside the resized image (top-left [0:h, 0:w])
-    boxes          [M, 4] float32 xyxy, network-input pixels; 0 in padding
-    labels         [M] int32 1..K; 0 in padding
-    masks          [M, S, S] uint8 {0, 1}, each cropped to its box; 0 in padding
-    is_crowd       [M] bool; False in padding
-    valid          [M] bool, True for real instances (crowd included)
-    image_id       () int32 (-1 for a padding example)
-    original_size  [2] int32 (h, w) of the source image
-    image_size     [2] int32 (h, w) of the resized image inside the padding
-    scale          () float32 resize factor (resized / source)
-    valid_image    () bool, False for the padding examples of an eval batch
-    num_truncated  () int32 instances dropped because more than M survived
+Output of :func:`preprocess`: one example of the batch spec in
+``maskrcnn_jax/batch.py`` (keys, shapes, dtypes and padding values are
+defined there).
 """
 
 from __future__ import annotations
@@ -36,6 +24,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from maskrcnn_jax import batch
 from maskrcnn_jax.data import images, mask_crop, masks
 from maskrcnn_jax.data.features import objects_as_arrays
 
@@ -51,9 +40,8 @@ class InputSpec:
 
     Attributes:
       image_size: (H, W) padded network input.
-      scales: train shorter-side choices.
+      scales: train shorter-side choices; without augmentation, the largest.
       max_size: longer-side cap.
-      eval_scale: eval shorter side.
       flip: random horizontal flip at train time.
       lsj: large-scale jitter at train time instead of scales/max_size.
       lsj_min_scale: LSJ scale range, relative to fitting image_size.
@@ -66,7 +54,6 @@ class InputSpec:
     image_size: tuple[int, int] = (128, 128)
     scales: tuple[int, ...] = (128,)
     max_size: int = 128
-    eval_scale: int = 128
     flip: bool = True
     lsj: bool = False
     lsj_min_scale: float = 0.1
@@ -82,7 +69,7 @@ class InputSpec:
                 f"max_size={self.max_size} does not fit image_size={self.image_size}: "
                 "a resized image's longer side can be max_size in either orientation"
             )
-        if min(self.scales + (self.eval_scale,)) < 1 or self.max_instances < 1:
+        if not self.scales or min(self.scales) < 1 or self.max_instances < 1:
             raise ValueError(f"bad scales / max_instances in {self}")
         if self.image_dtype not in ("uint8", "float32"):
             raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {self.image_dtype!r}")
@@ -96,7 +83,6 @@ class InputSpec:
             image_size=tuple(int(v) for v in c.image_size),
             scales=tuple(int(v) for v in c.scales),
             max_size=int(c.max_size),
-            eval_scale=int(c.eval_scale),
             flip=bool(c.flip),
             lsj=bool(c.lsj.enabled),
             lsj_min_scale=float(c.lsj.min_scale),
@@ -148,7 +134,9 @@ def sample_geometry(
     ``spec.scales`` with the longer side capped at ``max_size`` (Detectron2's
     ResizeShortestEdge), or with ``spec.lsj`` a scale of ``U(lsj_min,
     lsj_max)`` times the fit-in-``image_size`` scale and a uniform random crop.
-    Eval: no flip, ``eval_scale`` (or the LSJ fit scale), no crop.
+    Eval (``train=False``, deterministic): no flip, the largest of
+    ``spec.scales`` as shorter side (Detectron2's test size is its largest
+    train size; with ``lsj``, the fit scale), no crop.
 
     Draw order (fixed, for determinism): flip, scale, crop y, crop x.
     """
@@ -159,7 +147,7 @@ def sample_geometry(
         if train:
             scale *= float(rng.uniform(spec.lsj_min_scale, spec.lsj_max_scale))
     else:
-        short = int(rng.choice(spec.scales)) if train else spec.eval_scale
+        short = int(rng.choice(spec.scales)) if train else max(spec.scales)
         scale = min(short / min(src_h, src_w), spec.max_size / max(src_h, src_w))
     new_h = max(int(src_h * scale + 0.5), 1)
     new_w = max(int(src_w * scale + 0.5), 1)
@@ -304,23 +292,9 @@ def preprocess(
 
 
 def empty_example(spec: InputSpec) -> dict[str, np.ndarray]:
-    """An all-padding example (``valid_image`` False, ``image_id`` -1)."""
-    h, w = spec.image_size
-    m, s = spec.max_instances, spec.mask_size
-    return {
-        "image": np.zeros((h, w, 3), np.dtype(spec.image_dtype)),
-        "boxes": np.zeros((m, 4), np.float32),
-        "labels": np.zeros((m,), np.int32),
-        "masks": np.zeros((m, s, s), np.uint8),
-        "is_crowd": np.zeros((m,), bool),
-        "valid": np.zeros((m,), bool),
-        "image_id": np.int32(-1),
-        "original_size": np.zeros((2,), np.int32),
-        "image_size": np.zeros((2,), np.int32),
-        "scale": np.float32(1.0),
-        "valid_image": np.bool_(False),
-        "num_truncated": np.int32(0),
-    }
+    """An all-padding example (``valid_image`` False, ``image_id`` -1); see ``batch.py``."""
+    return batch.empty_example(spec.image_size, spec.max_instances, spec.mask_size,
+                               spec.image_dtype)
 
 
 def _text(value: Any) -> str:

@@ -110,9 +110,12 @@ def test_image_boxes_and_masks_stay_aligned(lsj):
 
 
 def test_resize_geometry_golden():
-    """Detectron2 ResizeShortestEdge numbers: 480x640 -> short 800, long capped at 1333."""
-    spec = transforms.InputSpec(image_size=(1344, 1344), scales=(800,), max_size=1333,
-                                eval_scale=800, flip=False)
+    """Detectron2 ResizeShortestEdge numbers: 480x640 -> short 800, long capped at 1333.
+
+    Without augmentation (train=False) the shorter side is the largest of ``scales``.
+    """
+    spec = transforms.InputSpec(image_size=(1344, 1344), scales=(640, 800), max_size=1333,
+                                flip=False)
     g = transforms.sample_geometry(480, 640, spec, train=False, rng=None)
     assert (g.out_h, g.out_w) == (800, 1067) and g.scale == pytest.approx(800 / 480)
     g = transforms.sample_geometry(300, 1000, spec, train=False, rng=None)
@@ -148,7 +151,7 @@ def test_truncation_is_counted_and_warned(caplog):
         inst.append(m)
     example = _example(np.zeros((h, w, 3), np.uint8), inst, labels=[1, 2, 3, 1, 2],
                        crowd=[True, False, False, False, False])
-    spec = transforms.InputSpec(image_size=(64, 64), scales=(64,), max_size=64, eval_scale=64,
+    spec = transforms.InputSpec(image_size=(64, 64), scales=(64,), max_size=64,
                                 max_instances=3, mask_size=8)
     with caplog.at_level(logging.WARNING):
         out = transforms.preprocess(example, spec, train=False)
@@ -160,7 +163,7 @@ def test_truncation_is_counted_and_warned(caplog):
 
 
 def test_padding_slots_and_empty_image():
-    spec = transforms.InputSpec(image_size=(32, 48), scales=(32,), max_size=32, eval_scale=32,
+    spec = transforms.InputSpec(image_size=(32, 48), scales=(32,), max_size=32,
                                 max_instances=5, mask_size=8, image_dtype="float32")
     example = _example(np.full((20, 30, 3), 200, np.uint8), [], labels=[])
     out = transforms.preprocess(example, spec, train=True, rng=np.random.default_rng(0))
