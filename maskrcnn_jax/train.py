@@ -34,16 +34,15 @@ import optax
 from tqdm import tqdm
 
 from maskrcnn_jax import checkpoint as ckpt
-from maskrcnn_jax import data, optim, sharding
+from maskrcnn_jax import data, optim, sharding, validation
+from maskrcnn_jax.batch import TRAIN_KEYS
 from maskrcnn_jax.metrics_writer import MetricsWriter, to_python
 from maskrcnn_jax.modeling import MaskRCNN, init_model
 from maskrcnn_jax.modeling.config import validate_config
 from maskrcnn_jax.preemption import Preemption
+from maskrcnn_jax.torchvision_weights import load_torchvision_backbone
 
 log = logging.getLogger(__name__)
-
-# Keys of the input batch that the train step reads (the others stay on the host).
-TRAIN_KEYS = ("image", "image_size", "boxes", "labels", "masks", "is_crowd", "valid")
 
 # Settings that moved from config.train to config.model (the model's training forward).
 MOVED_TO_MODEL = (
@@ -163,8 +162,6 @@ def initial_variables(
         loaded, _ = ckpt.load_model(config.init.checkpoint)
         variables = ckpt.merge_pretrained(variables, loaded, config.init.checkpoint)
     elif config.init.backbone_checkpoint:
-        # TODO(integrator): hoist to the top once torchvision_weights.py has landed.
-        from maskrcnn_jax.torchvision_weights import load_torchvision_backbone
 
         backbone = load_torchvision_backbone(config.init.backbone_checkpoint, config.model)
         variables = ckpt.merge_pretrained(variables, backbone, config.init.backbone_checkpoint)
@@ -321,8 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _evaluate(config, state, model_config, writer, step, workdir, pictures: int = 0) -> dict:
     """COCO bbox + segm AP on the validation split; optional pictures."""
-    # TODO(integrator): hoist to the top once validation.py (ex evaluation.py) has landed.
-    from maskrcnn_jax import validation
 
     metrics = validation.evaluate_during_training(
         config, jax.device_get(state.variables()), model_config, workdir, step, pictures
