@@ -16,8 +16,8 @@ from tests.torch_ref import nhwc_to_torch, random_boxes, rois_from_batched, torc
 # <= 4 g**2 bilinear products per bin (<= H + W per feature pixel in the gradient),
 # in another order and grouping, so they differ by a few float32 ulps of the
 # summed magnitude (|features| <= ~5 here): ~64 * 6e-8 * 5 = 2e-5 forward.
-FWD_TOL = dict(rtol=1e-4, atol=1e-4)
-GRAD_TOL = dict(rtol=1e-3, atol=1e-3)
+FWD_TOL = {"rtol": 1e-4, "atol": 1e-4}
+GRAD_TOL = {"rtol": 1e-3, "atol": 1e-3}
 
 
 def _single_level(f, boxes, out, scale, sampling_ratio, aligned, **kw):
@@ -120,7 +120,13 @@ def _multilevel_case(seed=7, channels=3):
     ]
     # Sizes spanning all levels (sqrt area from 4 to ~900 -> P2..P5 and clamping).
     boxes = random_boxes(rng, (2, 40), image, min_size=2, max_size=160)
-    boxes[0, :5] = [[0, 0, 0, 0], [5, 5, 6, 6], [0, 0, 112, 112], [0, 0, 900, 900], [9, 9, 233, 233]]
+    boxes[0, :5] = [
+        [0, 0, 0, 0],
+        [5, 5, 6, 6],
+        [0, 0, 112, 112],
+        [0, 0, 900, 900],
+        [9, 9, 233, 233],
+    ]
     return rng, image, strides, feats, boxes
 
 
@@ -184,7 +190,7 @@ def test_chunked_equals_unchunked():
 
 
 def test_unassigned_level_pools_zero():
-    rng, _, strides, feats, boxes = _multilevel_case(seed=5)
+    _, _, strides, feats, boxes = _multilevel_case(seed=5)
     flat, shapes = flatten_levels(feats)
     levels = np.asarray(ops.assign_levels(boxes, 2, 5)).copy()
     levels[0, :3] = -1  # no such level
@@ -279,4 +285,6 @@ def test_bad_box_chunk_refused(box_chunk):
 def test_mismatched_scales_refused():
     flat, shapes = flatten_levels([_arange_map()])
     with pytest.raises(ValueError, match="spatial scales"):
-        roi_align_levels_einsum(flat, jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), int), shapes, [1, 2], 2)
+        roi_align_levels_einsum(
+            flat, jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), int), shapes, [1, 2], 2
+        )

@@ -51,7 +51,7 @@ rounded to bfloat16, the MXU's native input, and the output is rounded once.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -165,7 +165,7 @@ def roi_align_levels_einsum(
         )
     if isinstance(box_chunk, bool) or int(box_chunk) != box_chunk or box_chunk < 1:
         raise ValueError(f"box_chunk must be a static int >= 1, got {box_chunk!r}")
-    b, r = boxes.shape[:2]
+    r = boxes.shape[1]
     c = features.shape[-1]
     shapes = [(int(h), int(w)) for h, w in level_shapes]
     scales = [float(s) for s in spatial_scales]
