@@ -22,7 +22,9 @@ tap indices (``iota == low`` times ``w_low`` plus ``iota == high`` times
 ``w_high``): no gather. Boxes assigned to another level get all-zero rows, so
 every level is contracted with every box and the sum over levels is the
 assigned level's value. The contraction runs over the longer axis first, which
-gives the smaller intermediate (``[k, H_l, out_w, C]`` when W_l >= H_l).
+gives the smaller intermediate (``[k, out_w, H_l, C]`` when W_l > H_l), and
+both products are written so that neither operand needs a transposed copy
+(see :func:`_contract`).
 
 Cost: every box is contracted with every level, about
 ``2 * R * out * H_l * W_l * C`` flops per image and level (P2 dominates; 2 x 512
@@ -30,16 +32,18 @@ boxes at 14x14 on a 200x336x256 P2 is ~0.5 TFLOP forward). That is what the MXU
 is for; on a CPU this is far slower than the reference.
 
 Memory: contracting all R boxes at once materialises the intermediate
-``[B, R, H_l, out_w, C]`` (2 x 512 x 200 x 14 x 256 float32 = 2.9 GB on P2).
+``[B, R, out_w, H_l, C]`` (2 x 512 x 14 x 200 x 256 float32 = 2.9 GB on P2).
 Boxes are therefore contracted ``box_chunk`` at a time under ``lax.map`` (R is
 padded up to a multiple with boxes of level -1, whose rows are zero), which
-bounds the intermediate to ``B * box_chunk * H_l * out_w * C``. Windows are
+bounds the intermediate to ``B * box_chunk * out_w * H_l * C``. Windows are
 not cropped per box with ``dynamic_slice``: under vmap that is a gather, and its
-transpose a scatter.
+transpose a scatter. Each chunk is rematerialised (``jax.checkpoint``), so the
+backward keeps no per-chunk weights: it rebuilds them from the boxes.
 
-Gradient: plain autodiff of the einsums. It is linear in the features, so the
-backward is the transposed contractions (matrix products again, accumulated
-over chunks in the scan's carry): no scatter, no gather. Boxes get no gradient.
+Gradient: plain autodiff of the einsums. The output is linear in the features,
+so the backward is the transposed contractions (matrix products again,
+accumulated over chunks in the scan's carry; the forward products are not
+recomputed): no scatter, no gather. Boxes get no gradient.
 
 Precision: products accumulate in float32 (``preferred_element_type``). For
 float32 features the contractions run at ``Precision.HIGHEST`` so that TPUs and
@@ -50,6 +54,7 @@ rounded to bfloat16, the MXU's native input, and the output is rounded once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -64,7 +69,7 @@ from maskrcnn_jax.ops.roi_align import (
 )
 
 # Boxes per image contracted at once. At COCO shapes (P2 200x336, C=256, 14x14
-# output) the float32 intermediate is 64 * 200 * 14 * 256 * 4 B = 183 MB per
+# output) the float32 intermediate is 64 * 14 * 200 * 256 * 4 B = 183 MB per
 # image; larger chunks make larger matrix products but cost memory linearly.
 DEFAULT_BOX_CHUNK = 64
 
@@ -91,27 +96,26 @@ def _axis_weights(coords: jnp.ndarray, size: int, scale: float) -> jnp.ndarray:
     return taps.sum(axis=1) * scale
 
 
-def _contract(
-    feats: jnp.ndarray, wy: jnp.ndarray, wx: jnp.ndarray, dtype, precision
-) -> jnp.ndarray:
-    """sum_{y,x} wy[k, i, y] * wx[k, j, x] * feats[y, x, c] -> [k, i, j, c] float32.
+def _contract(fmap: jnp.ndarray, w_first: jnp.ndarray, w_second: jnp.ndarray, precision):
+    """sum_{a,b} w_first[k, p, a] * w_second[k, q, b] * fmap[a, b, c] -> [k, p, q, c] float32.
 
-    Contracts the longer spatial axis first, which gives the smaller
-    intermediate.
+    Both products are in the canonical [batch, M, K] x [batch, K, N] form, so
+    no operand is transposed (a transposed copy of the intermediate would
+    double the memory): the first contracts the leading axis of the map, the
+    second makes ``p`` a batch axis by broadcasting ``w_second`` over it (a
+    tensor ``out_p / C`` times the size of the intermediate).
 
     Args:
-      feats: [H, W, C] one level of one image.
-      wy: [k, out_h, H]; wx: [k, out_w, W], both already in ``dtype``.
+      fmap: [A, B, C] one level of one image, the axis to contract first leading.
+      w_first: [k, out_a, A]; w_second: [k, out_b, B], in the compute dtype.
     """
-    dot = lambda spec, a, b: jnp.einsum(
-        spec, a, b, precision=precision, preferred_element_type=jnp.float32
+    dot = lambda spec, x, y: jnp.einsum(
+        spec, x, y, precision=precision, preferred_element_type=jnp.float32
     )
-    h, w = feats.shape[:2]
-    if w >= h:
-        t = dot("kjx,yxc->kyjc", wx, feats)  # [k, H, out_w, C]
-        return dot("kiy,kyjc->kijc", wy, t.astype(dtype))
-    t = dot("kiy,yxc->kixc", wy, feats)  # [k, out_h, W, C]
-    return dot("kjx,kixc->kijc", wx, t.astype(dtype))
+    k, out_a, _ = w_first.shape
+    t = dot("kpa,abc->kpbc", w_first, fmap)  # [k, out_a, B, C]
+    w_second = jnp.broadcast_to(w_second[:, None], (k, out_a, *w_second.shape[1:]))
+    return dot("kpqb,kpbc->kpqc", w_second, t.astype(fmap.dtype))  # [k, out_a, out_b, C]
 
 
 def roi_align_levels_einsum(
@@ -187,21 +191,32 @@ def roi_align_levels_einsum(
         # feats: [N, C]; img_boxes: [R, 4]; img_levels: [R]
         level_maps, offset = [], 0
         for h, w in shapes:
-            level_maps.append(feats[offset : offset + h * w].reshape(h, w, c))  # [H_l, W_l, C]
+            fmap = feats[offset : offset + h * w].reshape(h, w, c)  # [H_l, W_l, C]
+            # The longer axis leads: it is contracted first (smaller intermediate).
+            level_maps.append(fmap.transpose(1, 0, 2) if w > h else fmap)
             offset += h * w
         pad = n_chunks * k - r
         img_boxes = jnp.pad(img_boxes, ((0, pad), (0, 0)))
         img_levels = jnp.pad(img_levels, (0, pad), constant_values=-1)
 
+        # Rematerialised: the backward rebuilds the chunk's weights from its boxes
+        # instead of saving them (with the broadcast of _contract) for every chunk.
+        # Nothing else is recomputed: the output is linear in the features, so the
+        # backward needs no forward activation.
+        @functools.partial(jax.checkpoint, prevent_cse=False)
         def per_chunk(chunk):
             chunk_boxes, chunk_levels = chunk  # [k, 4], [k]
             out = jnp.zeros((k, out_h, out_w, c), jnp.float32)
-            for lvl, (fmap, shape, scale) in enumerate(zip(level_maps, shapes, scales)):
+            for lvl, (fmap, (h, w), scale) in enumerate(zip(level_maps, shapes, scales)):
                 wy, wx = jax.vmap(per_box, in_axes=(0, 0, None, None, None))(
-                    chunk_boxes, chunk_levels, lvl, shape, scale
+                    chunk_boxes, chunk_levels, lvl, (h, w), scale
                 )  # [k, out_h, H_l], [k, out_w, W_l]
-                out = out + _contract(fmap, wy, wx, dtype, precision)
-            return out  # [k, out_h, out_w, C]
+                if w > h:
+                    out_l = _contract(fmap, wx, wy, precision).transpose(0, 2, 1, 3)
+                else:
+                    out_l = _contract(fmap, wy, wx, precision)
+                out = out + out_l  # [k, out_h, out_w, C]
+            return out
 
         chunks = (img_boxes.reshape(n_chunks, k, 4), img_levels.reshape(n_chunks, k))
         out = jax.lax.map(per_chunk, chunks)  # [n_chunks, k, out_h, out_w, C]
