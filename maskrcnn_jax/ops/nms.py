@@ -9,10 +9,10 @@ threshold. The output is padded to ``max_outputs`` with a ``valid`` mask.
 Two implementations give the same kept set:
 
 - ``"tiled"``: the sorted boxes are settled in tiles of ``tile_size``. A tile is
-  first suppressed by the boxes kept in earlier tiles (one masked
-  ``[N, tile]`` IoU block), then suppression inside the tile is settled by a
-  fixed-point iteration on its ``[tile, tile]`` IoU block. About
-  ``N / tile_size`` sequential steps, each a few vectorised ones.
+  first suppressed by the boxes kept in earlier tiles (``[tile, tile]`` IoU
+  blocks against those boxes, packed), then suppression inside the tile is
+  settled by a fixed-point iteration on its own ``[tile, tile]`` IoU block.
+  About ``N / tile_size`` sequential steps, each a few vectorised ones.
 - ``"loop"``: the textbook greedy loop, ``N`` sequential steps over one
   precomputed ``[N, N]`` IoU matrix. Kept as the reference.
 
@@ -87,6 +87,15 @@ def _overlaps(
     return over
 
 
+def _any_over_rows(mask: jnp.ndarray) -> jnp.ndarray:
+    """[R, C] bool -> [C] bool, ``jnp.any(mask, axis=0)``.
+
+    As a float32 max: XLA:CPU vectorises that reduction but not the boolean
+    one, which measured 2-5x slower here (experiments/bench_nms.py).
+    """
+    return jnp.max(jnp.where(mask, 1.0, 0.0), axis=0) > 0
+
+
 def _loop_keep(boxes, labels, candidate, threshold):
     """Greedy NMS as N sequential steps over the [N, N] overlap matrix.
 
@@ -118,50 +127,80 @@ def _loop_keep(boxes, labels, candidate, threshold):
 def _tiled_keep(boxes, labels, candidate, threshold, tile_size, max_outputs):
     """Greedy NMS settled tile by tile; same arguments and result as :func:`_loop_keep`.
 
-    Stops early once ``max_outputs`` boxes are kept (later ones would be cut
-    off anyway) or no candidate is left.
+    The boxes kept so far are also packed, in score order, at the front of a
+    buffer, so a tile is tested against ``ceil(kept / T)`` [T, T] blocks of kept
+    boxes rather than against all earlier boxes. Stops early once
+    ``max_outputs`` boxes are kept (later ones would be cut off anyway) or no
+    candidate is left.
     """
     n = boxes.shape[0]
     t = min(tile_size, n)
     num_tiles = -(-n // t)
-    pad = num_tiles * t - n
-    boxes = jnp.pad(boxes, ((0, pad), (0, 0)))  # [Np, 4], Np = num_tiles * t
-    candidate = jnp.pad(candidate, (0, pad))
-    if labels is not None:
-        labels = jnp.pad(labels, (0, pad))
+    padded = num_tiles * t
+    boxes = jnp.pad(boxes, ((0, padded - n), (0, 0)))  # [Np, 4]
+    candidate = jnp.pad(candidate, (0, padded - n))
+    has_labels = labels is not None
+    labels = jnp.pad(labels, (0, padded - n)) if has_labels else jnp.zeros((padded,), jnp.int32)
     # One past the last candidate; tiles from there on keep nothing.
-    end = jnp.max(jnp.where(candidate, jnp.arange(candidate.shape[0]) + 1, 0))
+    end = jnp.max(jnp.where(candidate, jnp.arange(padded) + 1, 0))
     earlier = jnp.arange(t)[:, None] < jnp.arange(t)[None, :]  # [T, T], i < j
 
+    def overlaps(boxes1, labels1, boxes2, labels2):
+        if not has_labels:
+            labels1 = labels2 = None
+        return _overlaps(boxes1, labels1, boxes2, labels2, threshold)
+
     def settle_tile(state):
-        tile, keep, count = state
+        tile, keep, count, kept_boxes, kept_labels = state
         start = tile * t
         tile_boxes = jax.lax.dynamic_slice_in_dim(boxes, start, t)  # [T, 4]
-        tile_labels = None if labels is None else jax.lax.dynamic_slice_in_dim(labels, start, t)
-        # Suppressed by a box kept in an earlier tile: `keep` is still False
-        # from `start` on, so the masked block over all rows is exact.
-        by_earlier = jnp.any(
-            keep[:, None] & _overlaps(boxes, labels, tile_boxes, tile_labels, threshold), axis=0
-        )  # [T]
+        tile_labels = jax.lax.dynamic_slice_in_dim(labels, start, t)
+
+        # Suppressed by a box kept in an earlier tile: those are the first
+        # `count` rows of kept_boxes, visited T at a time.
+        def suppress_by_chunk(c, suppressed):
+            rows = jax.lax.dynamic_slice_in_dim(kept_boxes, c * t, t)  # [T, 4]
+            row_labels = jax.lax.dynamic_slice_in_dim(kept_labels, c * t, t)
+            is_kept = c * t + jnp.arange(t) < count
+            over = overlaps(rows, row_labels, tile_boxes, tile_labels)  # [T, T]
+            return suppressed | _any_over_rows(is_kept[:, None] & over)
+
+        num_chunks = (count + t - 1) // t
+        by_earlier = jax.lax.fori_loop(0, num_chunks, suppress_by_chunk, jnp.zeros((t,), bool))
         alive = jax.lax.dynamic_slice_in_dim(candidate, start, t) & ~by_earlier
-        inner = _overlaps(tile_boxes, tile_labels, tile_boxes, tile_labels, threshold) & earlier
+        inner = overlaps(tile_boxes, tile_labels, tile_boxes, tile_labels) & earlier  # [T, T]
 
         def step(k):  # [T] -> [T], the greedy recurrence applied once
-            return alive & ~jnp.any(k[:, None] & inner, axis=0)
+            return alive & ~_any_over_rows(k[:, None] & inner)
 
         def changed(s):
             return jnp.any(s[0] != s[1])
 
         kept, _ = jax.lax.while_loop(changed, lambda s: (step(s[0]), s[0]), (step(alive), alive))
         keep = jax.lax.dynamic_update_slice_in_dim(keep, kept, start, axis=0)
-        return tile + 1, keep, count + jnp.sum(kept, dtype=jnp.int32)
+        # Append this tile's kept boxes after the `count` earlier ones (the rest
+        # of the T rows written is overwritten later or never read). count <=
+        # start, so the T rows fit without the slice being clamped.
+        packed = jnp.argsort(~kept, stable=True)  # [T], kept first, in order
+        kept_boxes = jax.lax.dynamic_update_slice_in_dim(kept_boxes, tile_boxes[packed], count, 0)
+        kept_labels = jax.lax.dynamic_update_slice_in_dim(
+            kept_labels, tile_labels[packed], count, 0
+        )
+        count = count + jnp.sum(kept, dtype=jnp.int32)
+        return tile + 1, keep, count, kept_boxes, kept_labels
 
     def more(state):
-        tile, _, count = state
+        tile, _, count, _, _ = state
         return (tile < num_tiles) & (tile * t < end) & (count < max_outputs)
 
-    init = (jnp.int32(0), jnp.zeros((num_tiles * t,), bool), jnp.int32(0))
-    _, keep, _ = jax.lax.while_loop(more, settle_tile, init)
+    init = (
+        jnp.int32(0),
+        jnp.zeros((padded,), bool),  # keep, in sorted order
+        jnp.int32(0),  # boxes kept so far
+        jnp.zeros_like(boxes),  # [Np, 4] kept boxes, packed
+        jnp.zeros_like(labels),  # [Np] their labels
+    )
+    _, keep, _, _, _ = jax.lax.while_loop(more, settle_tile, init)
     return keep[:n]
 
 
@@ -184,7 +223,7 @@ def _nms(boxes, scores, valid, labels, iou_threshold, max_outputs, method, tile_
     key = jnp.where(valid, -scores.astype(jnp.float32), jnp.inf)
     order = jnp.argsort(key, stable=True)
     sorted_boxes = boxes[order].astype(jnp.float32)
-    sorted_labels = None if labels is None else labels[order]
+    sorted_labels = None if labels is None else jnp.asarray(labels)[order]
     threshold = _float32_threshold(iou_threshold)
     if method == "loop":
         keep = _loop_keep(sorted_boxes, sorted_labels, valid[order], threshold)
