@@ -1,0 +1,211 @@
+"""NMS benchmark: the tiled NMS against the N-step ``fori_loop`` one, and torchvision.
+
+Run:  .venv/bin/python experiments/bench_nms.py [--sizes 1000 2000 4000] [--repeats 7]
+      [--tile-sizes 256] [--batch 8]
+
+For each N: one image (``nms``) and a batch of ``--batch`` images vmapped as
+the RPN does, both jitted; compile time is listed separately and excluded
+from the figure, the median of ``--repeats`` warm calls. The boxes look like RPN
+proposals: clusters of jittered boxes around a few objects plus scattered
+ones, in an 800x1067 image, IoU threshold 0.7, every box valid,
+``max_outputs = N``. Every run checks that both JAX methods keep the same
+boxes. torchvision.ops.nms (CPU, or CUDA when present) is timed for
+orientation if torch is installed; ``run`` imports it only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskrcnn_jax.ops import nms
+
+IMAGE_HW = (800, 1067)
+IOU_THRESHOLD = 0.7
+
+
+def cpu_model() -> str:
+    """CPU model name, family/model numbers and core count, from /proc/cpuinfo.
+
+    Virtual machines often report only "AMD EPYC"; the family and model tell
+    the generation (family 23 = Zen 1/2, 25 = Zen 3/4).
+    """
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or "unknown"
+    fam = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info else ""
+    return f"{name}{fam}, {os.cpu_count()} logical CPUs"
+
+
+def rpn_like_boxes(rng: np.random.Generator, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [batch, n, 4] xyxy and scores [batch, n] resembling RPN proposals.
+
+    Three quarters of the boxes jitter around 30 objects per image (heavy
+    mutual overlap, long suppression chains), the rest are scattered.
+    """
+    h, w = IMAGE_HW
+    num_obj = 30
+    centers = rng.uniform(0, 1, size=(batch, num_obj, 2)) * [w, h]
+    sizes = np.exp(rng.uniform(np.log(16), np.log(400), size=(batch, num_obj, 2)))
+    obj = rng.integers(0, num_obj, size=(batch, n))
+    take = functools.partial(np.take_along_axis, axis=1)
+    size = take(sizes, obj[..., None])
+    c = take(centers, obj[..., None]) + rng.normal(size=(batch, n, 2)) * size * 0.15
+    s = size * np.exp(rng.normal(size=(batch, n, 2)) * 0.15)
+    scattered = rng.uniform(size=(batch, n)) < 0.25
+    c = np.where(scattered[..., None], rng.uniform(0, 1, size=(batch, n, 2)) * [w, h], c)
+    boxes = np.concatenate([c - s / 2, c + s / 2], axis=-1)
+    boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+    scores = rng.uniform(size=(batch, n)).astype(np.float32)
+    return boxes, scores
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _compiled(method: str, tile_size: int, n: int, args) -> tuple[object, float]:
+    """The jitted (vmapped when args are batched) NMS, compiled; and the compile seconds."""
+    f = functools.partial(
+        nms, iou_threshold=IOU_THRESHOLD, max_outputs=n, method=method, tile_size=tile_size
+    )
+    f = jax.jit(jax.vmap(f) if args[0].ndim == 3 else f)
+    t0 = time.perf_counter()
+    compiled = f.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _jax_time(compiled, args, repeats: int) -> float:
+    return _median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+
+
+def _torch_nms_time(boxes: np.ndarray, scores: np.ndarray, repeats: int) -> tuple[float, str]:
+    """Median seconds of torchvision.ops.nms over the batch's images, one call each."""
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        return float("nan"), "-"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tb = [torch.from_numpy(b).to(dev) for b in boxes]
+    ts = [torch.from_numpy(s).to(dev) for s in scores]
+
+    def call():
+        out = [torchvision.ops.nms(b, s, IOU_THRESHOLD) for b, s in zip(tb, ts)]
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return _median_time(call, repeats), dev
+
+
+def run(
+    sizes=(1000, 2000, 4000),
+    repeats: int = 7,
+    batch: int = 8,
+    tile_sizes=(256,),
+    with_torch: bool = True,
+) -> list[dict]:
+    """Times loop vs tiled NMS; one dict per (N, batch) with seconds and ratios.
+
+    Keys: ``n``, ``batch`` (1 = a single image, un-vmapped), ``loop_s``,
+    ``loop_compile_s``, ``tiled_s``, ``tiled_compile_s`` and ``ratio``
+    (tiled / loop), each a dict keyed by tile size, ``kept`` (mean boxes kept
+    per image), ``torch_s`` and ``torch_device`` (NaN / "-" without torch),
+    ``jax_device``. Raises RuntimeError if the two methods disagree.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in sizes:
+        boxes, scores = rpn_like_boxes(rng, batch, n)
+        for b in (1, batch):
+            jb, js = jnp.asarray(boxes[:b]), jnp.asarray(scores[:b])
+            args = (jb, js) if b > 1 else (jb[0], js[0])
+            loop, loop_compile_s = _compiled("loop", 1, n, args)
+            ref_idx, ref_valid = loop(*args)
+            row = {
+                "n": n,
+                "batch": b,
+                "loop_s": _jax_time(loop, args, repeats),
+                "loop_compile_s": loop_compile_s,
+                "tiled_s": {},
+                "tiled_compile_s": {},
+                "ratio": {},
+                "kept": float(np.asarray(ref_valid).sum()) / b,
+                "jax_device": str(jax.devices()[0].device_kind),
+            }
+            for t in tile_sizes:
+                tiled, row["tiled_compile_s"][t] = _compiled("tiled", t, n, args)
+                idx, valid = tiled(*args)
+                if not (
+                    np.array_equal(np.asarray(valid), np.asarray(ref_valid))
+                    and np.array_equal(np.asarray(idx), np.asarray(ref_idx))
+                ):
+                    raise RuntimeError(f"bench_nms: tiled (tile {t}) != loop at N={n}, batch {b}")
+                row["tiled_s"][t] = _jax_time(tiled, args, repeats)
+                row["ratio"][t] = row["tiled_s"][t] / row["loop_s"]
+            if with_torch:
+                row["torch_s"], row["torch_device"] = _torch_nms_time(
+                    boxes[:b], scores[:b], repeats
+                )
+            else:
+                row["torch_s"], row["torch_device"] = float("nan"), "-"
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    tiles = sorted({t for r in rows for t in r["tiled_s"]})
+    head = ["N", "batch", "kept/img", "loop ms"]
+    head += [f"tiled{t} ms" for t in tiles] + [f"tiled{t}/loop" for t in tiles]
+    head += ["torchvision ms", "compile s loop"] + [f"compile s tiled{t}" for t in tiles]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["n"]), str(r["batch"]), f"{r['kept']:.0f}", f"{r['loop_s'] * 1e3:.1f}"]
+        cells += [f"{r['tiled_s'][t] * 1e3:.1f}" for t in tiles]
+        cells += [f"{r['ratio'][t]:.2f}" for t in tiles]
+        cells += [f"{r['torch_s'] * 1e3:.1f} ({r['torch_device']})"]
+        cells += [f"{r['loop_compile_s']:.1f}"]
+        cells += [f"{r['tiled_compile_s'][t]:.1f}" for t in tiles]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tile-sizes", type=int, nargs="+", default=[256])
+    p.add_argument("--no-torch", action="store_true", help="skip the torchvision timing")
+    a = p.parse_args()
+    rows = run(a.sizes, a.repeats, a.batch, tuple(a.tile_sizes), not a.no_torch)
+    print(f"CPU: {cpu_model()}; JAX device: {rows[0]['jax_device']}; jax {jax.__version__}")
+    print(
+        f"IoU threshold {IOU_THRESHOLD}, median of {a.repeats} warm calls; "
+        "torchvision: batch = one call per image"
+    )
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
