@@ -1,14 +1,14 @@
 """NMS benchmark: the tiled NMS against the N-step ``fori_loop`` one, and torchvision.
 
 Run:  .venv/bin/python experiments/bench_nms.py [--sizes 1000 2000 4000] [--repeats 7]
-      [--tile-sizes 256] [--batch 8] [--stat median|min] [--no-torch]
+      [--tile-sizes 128] [--batch 8] [--stat median|min] [--no-torch] [--no-rpn]
 
 For each N: one image (``nms``) and a batch of ``--batch`` images vmapped as
 the RPN does, both jitted; compile time is listed separately and excluded
 from the figure, the median (``--stat min``: minimum) of ``--repeats`` warm
 calls. The boxes look like RPN proposals: clusters of jittered boxes around a few objects plus scattered
 ones, in an 800x1067 image, IoU threshold 0.7, every box valid,
-``max_outputs = N``. Every run checks that both JAX methods keep the same
+``max_outputs = N``. A last case is the RPN of the shapes recipe (see ``run``). Every run checks that both JAX methods keep the same
 boxes. torchvision.ops.nms (CPU, or CUDA when present) is timed for
 orientation if torch is installed; ``run`` imports it only then.
 """
@@ -86,14 +86,24 @@ def _time(fn, repeats: int, stat: str) -> float:
     return float(STATS[stat](times))
 
 
+# The RPN of experiments/shapes.py in training: 8 images x 5 FPN levels, the
+# best 1,000 anchors per level, of which a 128x128 input has this many.
+RPN_RECIPE_VALID = (1000, 768, 192, 48, 12)
+
+
 def _compiled(method: str, tile_size: int, n: int, args) -> tuple[object, float]:
-    """The jitted (vmapped when args are batched) NMS, compiled; and the compile seconds."""
-    f = functools.partial(
-        nms, iou_threshold=IOU_THRESHOLD, max_outputs=n, method=method, tile_size=tile_size
-    )
-    f = jax.jit(jax.vmap(f) if args[0].ndim == 3 else f)
+    """NMS jitted and vmapped over the leading dims of ``args`` (boxes, scores, valid), compiled.
+
+    Returns the compiled function and the compile seconds.
+    """
+
+    def f(boxes, scores, valid):
+        return nms(boxes, scores, IOU_THRESHOLD, n, valid, method=method, tile_size=tile_size)
+
+    for _ in range(args[0].ndim - 2):
+        f = jax.vmap(f)
     t0 = time.perf_counter()
-    compiled = f.lower(*args).compile()
+    compiled = jax.jit(f).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -101,16 +111,21 @@ def _jax_time(compiled, args, repeats: int, stat: str) -> float:
     return _time(lambda: jax.block_until_ready(compiled(*args)), repeats, stat)
 
 
-def _torch_nms_time(boxes, scores, repeats: int, stat: str) -> tuple[float, str]:
-    """Seconds of torchvision.ops.nms over the batch's images, one call each."""
+def _torch_nms_time(boxes, scores, valid, repeats: int, stat: str) -> tuple[float, str]:
+    """Seconds of torchvision.ops.nms over the valid boxes of each image, one call each."""
     try:
         import torch
         import torchvision
     except ImportError:
         return float("nan"), "-"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tb = [torch.from_numpy(b).to(dev) for b in boxes]
-    ts = [torch.from_numpy(s).to(dev) for s in scores]
+    boxes, scores, valid = (
+        boxes.reshape(-1, *boxes.shape[-2:]),
+        scores.reshape(-1, scores.shape[-1]),
+        valid.reshape(-1, valid.shape[-1]),
+    )
+    tb = [torch.from_numpy(b[v]).to(dev) for b, v in zip(boxes, valid)]
+    ts = [torch.from_numpy(s[v]).to(dev) for s, v in zip(scores, valid)]
 
     def call():
         out = [torchvision.ops.nms(b, s, IOU_THRESHOLD) for b, s in zip(tb, ts)]
@@ -121,68 +136,93 @@ def _torch_nms_time(boxes, scores, repeats: int, stat: str) -> tuple[float, str]
     return _time(call, repeats, stat), dev
 
 
+def _measure(case, boxes, scores, valid, tile_sizes, repeats, stat, with_torch) -> dict:
+    """Times one case: boxes [..., N, 4], scores and valid [..., N]; one NMS per leading index."""
+    n = boxes.shape[-2]
+    args = tuple(jnp.asarray(x) for x in (boxes, scores, valid))
+    loop, loop_compile_s = _compiled("loop", 1, n, args)
+    ref_idx, ref_valid = loop(*args)
+    row = {
+        "n": n,
+        "batch": case,
+        "loop_s": _jax_time(loop, args, repeats, stat),
+        "loop_compile_s": loop_compile_s,
+        "tiled_s": {},
+        "tiled_compile_s": {},
+        "ratio": {},
+        "kept": float(np.asarray(ref_valid).sum()) / max(1, int(np.prod(boxes.shape[:-2]))),
+        "jax_device": str(jax.devices()[0].device_kind),
+    }
+    for t in tile_sizes:
+        tiled, row["tiled_compile_s"][t] = _compiled("tiled", t, n, args)
+        idx, ok = tiled(*args)
+        if not (
+            np.array_equal(np.asarray(ok), np.asarray(ref_valid))
+            and np.array_equal(np.asarray(idx), np.asarray(ref_idx))
+        ):
+            raise RuntimeError(f"bench_nms: tiled (tile {t}) != loop at N={n}, batch {case}")
+        row["tiled_s"][t] = _jax_time(tiled, args, repeats, stat)
+        row["ratio"][t] = row["tiled_s"][t] / row["loop_s"]
+    row["torch_s"], row["torch_device"] = (
+        _torch_nms_time(boxes, scores, valid, repeats, stat) if with_torch else (float("nan"), "-")
+    )
+    return row
+
+
 def run(
     sizes=(1000, 2000, 4000),
     repeats: int = 7,
     batch: int = 8,
-    tile_sizes=(256,),
+    tile_sizes=(128,),
     with_torch: bool = True,
     stat: str = "median",
+    rpn_recipe: bool = True,
 ) -> list[dict]:
-    """Times loop vs tiled NMS; one dict per (N, batch) with seconds and ratios.
+    """Times loop vs tiled NMS; one dict per case with seconds and ratios.
 
-    Keys: ``n``, ``batch`` (1 = a single image, un-vmapped), ``loop_s``,
-    ``loop_compile_s``, ``tiled_s``, ``tiled_compile_s`` and ``ratio``
-    (tiled / loop), each a dict keyed by tile size, ``kept`` (mean boxes kept
-    per image), ``torch_s`` and ``torch_device`` (NaN / "-" without torch),
-    ``jax_device``. Times are the ``stat`` ("median" or "min") of ``repeats``
-    warm calls. Raises RuntimeError if the two methods disagree.
+    Cases: for each N one image, un-vmapped (``batch`` 1), and ``batch``
+    images vmapped; with ``rpn_recipe`` also the RPN of the shapes recipe
+    (``batch`` "8x5": 8 images x 5 levels of 1,000 boxes, of which
+    ``RPN_RECIPE_VALID`` are valid), vmapped twice as the model does.
+
+    Keys: ``n``, ``batch``, ``loop_s``, ``loop_compile_s``, ``tiled_s``,
+    ``tiled_compile_s`` and ``ratio`` (tiled / loop), the last three dicts
+    keyed by tile size, ``kept`` (mean boxes kept per NMS call), ``torch_s``
+    (all the case's calls, one by one) and ``torch_device`` (NaN / "-" without
+    torch), ``jax_device``. Times are the ``stat`` ("median" or "min") of
+    ``repeats`` warm calls. Raises RuntimeError if the two methods disagree.
     """
     if stat not in STATS:
         raise ValueError(f"bench_nms: stat must be one of {sorted(STATS)}, got {stat!r}")
     rng = np.random.default_rng(0)
+    measure = functools.partial(
+        _measure, tile_sizes=tile_sizes, repeats=repeats, stat=stat, with_torch=with_torch
+    )
     rows = []
     for n in sizes:
         boxes, scores = rpn_like_boxes(rng, batch, n)
-        for b in (1, batch):
-            jb, js = jnp.asarray(boxes[:b]), jnp.asarray(scores[:b])
-            args = (jb, js) if b > 1 else (jb[0], js[0])
-            loop, loop_compile_s = _compiled("loop", 1, n, args)
-            ref_idx, ref_valid = loop(*args)
-            row = {
-                "n": n,
-                "batch": b,
-                "loop_s": _jax_time(loop, args, repeats, stat),
-                "loop_compile_s": loop_compile_s,
-                "tiled_s": {},
-                "tiled_compile_s": {},
-                "ratio": {},
-                "kept": float(np.asarray(ref_valid).sum()) / b,
-                "jax_device": str(jax.devices()[0].device_kind),
-            }
-            for t in tile_sizes:
-                tiled, row["tiled_compile_s"][t] = _compiled("tiled", t, n, args)
-                idx, valid = tiled(*args)
-                if not (
-                    np.array_equal(np.asarray(valid), np.asarray(ref_valid))
-                    and np.array_equal(np.asarray(idx), np.asarray(ref_idx))
-                ):
-                    raise RuntimeError(f"bench_nms: tiled (tile {t}) != loop at N={n}, batch {b}")
-                row["tiled_s"][t] = _jax_time(tiled, args, repeats, stat)
-                row["ratio"][t] = row["tiled_s"][t] / row["loop_s"]
-            if with_torch:
-                row["torch_s"], row["torch_device"] = _torch_nms_time(
-                    boxes[:b], scores[:b], repeats, stat
-                )
-            else:
-                row["torch_s"], row["torch_device"] = float("nan"), "-"
-            rows.append(row)
+        valid = np.ones(scores.shape, bool)
+        rows.append(measure(1, boxes[0], scores[0], valid[0]))
+        rows.append(measure(batch, boxes, scores, valid))
+    if rpn_recipe:
+        levels, n = len(RPN_RECIPE_VALID), max(RPN_RECIPE_VALID)
+        boxes, scores = rpn_like_boxes(rng, 8 * levels, n)
+        valid = np.arange(n) < np.tile(RPN_RECIPE_VALID, 8)[:, None]
+        shape = (8, levels, n)
+        rows.append(
+            measure(
+                f"8x{levels}",
+                boxes.reshape(*shape, 4),
+                scores.reshape(shape),
+                valid.reshape(shape),
+            )
+        )
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     tiles = sorted({t for r in rows for t in r["tiled_s"]})
-    head = ["N", "batch", "kept/img", "loop ms"]
+    head = ["N", "batch", "kept/call", "loop ms"]
     head += [f"tiled{t} ms" for t in tiles] + [f"tiled{t}/loop" for t in tiles]
     head += ["torchvision ms", "compile s loop"] + [f"compile s tiled{t}" for t in tiles]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -202,17 +242,20 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--tile-sizes", type=int, nargs="+", default=[256])
+    p.add_argument("--tile-sizes", type=int, nargs="+", default=[128])
     p.add_argument("--no-torch", action="store_true", help="skip the torchvision timing")
+    p.add_argument("--no-rpn", action="store_true", help="skip the RPN recipe case")
     p.add_argument(
         "--stat", choices=sorted(STATS), default="median", help="min is steadier on a busy machine"
     )
     a = p.parse_args()
-    rows = run(a.sizes, a.repeats, a.batch, tuple(a.tile_sizes), not a.no_torch, a.stat)
+    rows = run(
+        a.sizes, a.repeats, a.batch, tuple(a.tile_sizes), not a.no_torch, a.stat, not a.no_rpn
+    )
     print(f"CPU: {cpu_model()}; JAX device: {rows[0]['jax_device']}; jax {jax.__version__}")
     print(
         f"IoU threshold {IOU_THRESHOLD}, {a.stat} of {a.repeats} warm calls; "
-        "torchvision: batch = one call per image"
+        "torchvision: one call per image (or level)"
     )
     print(markdown_table(rows))
 

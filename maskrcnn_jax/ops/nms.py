@@ -47,7 +47,7 @@ from maskrcnn_jax.ops.boxes import box_iou
 Method = Literal["tiled", "loop"]
 METHODS = ("tiled", "loop")
 DEFAULT_METHOD: Method = "tiled"
-DEFAULT_TILE_SIZE = 256
+DEFAULT_TILE_SIZE = 128
 
 
 def _float32_threshold(iou_threshold: float | jnp.ndarray) -> np.float32 | jnp.ndarray:
