@@ -13,6 +13,7 @@ from maskrcnn_jax import ops
 from maskrcnn_jax.modeling import get_model_config
 from maskrcnn_jax.ops import poolers
 from maskrcnn_jax.ops.roi_align import roi_align_levels
+from maskrcnn_jax.ops.roi_align_einsum import roi_align_levels_einsum
 from maskrcnn_jax.ops.roi_align_pallas import BlockSizes, roi_align_levels_pallas
 from tests.torch_ref import nhwc_to_torch, random_boxes, torch_to_nhwc
 
@@ -82,15 +83,21 @@ def test_multilevel_needs_one_stride_per_level():
 
 
 def test_registry_names_and_functions():
-    assert ops.roi_align_impl_names() == ("reference", "pallas", "auto")
-    assert ops.ROI_ALIGN_IMPLS == {"reference": roi_align_levels, "pallas": roi_align_levels_pallas}
+    assert ops.roi_align_impl_names() == ("reference", "pallas", "einsum", "auto")
+    assert ops.ROI_ALIGN_IMPLS == {
+        "reference": roi_align_levels,
+        "pallas": roi_align_levels_pallas,
+        "einsum": roi_align_levels_einsum,
+    }
     for name, fn in ops.ROI_ALIGN_IMPLS.items():
         assert ops.get_roi_align_levels(name) is fn
         assert ops.resolve_roi_align_impl(name) == name
 
 
 @pytest.mark.parametrize(
-    "backend, expected", [("cpu", "reference"), ("tpu", "reference"), ("gpu", "pallas")]
+    "backend, expected",
+    # GPU: the Pallas kernel only once the device check has proven it (poolers.PALLAS_PROVEN_ON_GPU).
+    [("cpu", "reference"), ("tpu", "einsum"), ("gpu", "pallas" if poolers.PALLAS_PROVEN_ON_GPU else "reference")]
 )
 def test_auto_picks_by_backend(monkeypatch, backend, expected):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -104,7 +111,7 @@ def test_auto_is_the_reference_on_this_cpu():
 
 
 def test_unknown_impl_is_a_one_line_error():
-    expected = "roi_align impl must be one of 'reference', 'pallas', 'auto', got 'fast'"
+    expected = "roi_align impl must be one of 'reference', 'pallas', 'einsum', 'auto', got 'fast'"
     f, boxes = jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 3, 4))
     calls = [
         lambda: ops.get_roi_align_levels("fast"),

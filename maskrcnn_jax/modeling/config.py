@@ -61,7 +61,8 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
         ``size_divisible``: input transform (images are 0..255 RGB).
       - ``dtype``: compute dtype (params stay float32).
       - ``roi_align_impl``: one of ``maskrcnn_jax.ops.roi_align_impl_names()``:
-        ``"reference"``, ``"pallas"`` or ``"auto"`` (Pallas on GPU).
+        ``"reference"``, ``"pallas"``, ``"einsum"`` or ``"auto"`` (see
+        ``maskrcnn_jax.ops.poolers.resolve_roi_align_impl``).
 
       Training (read only by :meth:`MaskRCNN.losses`; torchvision's
       ``MaskRCNN`` constructor arguments of the same names):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from maskrcnn_jax.ops.anchors import FPN_STRIDES
 from maskrcnn_jax.ops.boxes import box_area
 from maskrcnn_jax.ops.roi_align import roi_align_levels
+from maskrcnn_jax.ops.roi_align_einsum import roi_align_levels_einsum
 from maskrcnn_jax.ops.roi_align_pallas import roi_align_levels_pallas
 from maskrcnn_jax.ops.roi_geometry import LevelShapes, flatten_levels
 
@@ -57,6 +58,22 @@ class RoIAlignLevels(Protocol):
 ROI_ALIGN_IMPLS: dict[str, RoIAlignLevels] = {
     "reference": roi_align_levels,  # vmap + XLA gathers, every backend
     "pallas": roi_align_levels_pallas,  # fused kernel: GPU (Triton), CPU interpreter
+    "einsum": roi_align_levels_einsum,  # gather-free one-hot matmuls: TPU (MXU)
+}
+
+# The card and date on which `experiments/device_check.py` ran the compiled Pallas kernel
+# and found its forward and gradient equal to the reference. Until that has happened,
+# "auto" never picks the kernel on a GPU. No GPU has been lent to this project yet.
+PALLAS_PROVEN_ON_GPU: str | None = None
+
+# What "auto" picks on each backend (jax.default_backend()).
+AUTO_BY_BACKEND = {
+    "cpu": "reference",  # measured fastest on CPU (experiments/bench_ops.py)
+    # Unproven on TPU hardware: no TPU at hand. It is the form the TPU implementations
+    # that reach published AP use (tensorflow/tpu, TF Model Garden, fvlm): row gathers and
+    # scatter-adds are slow on TPU, one-hot matmuls run on the MXU.
+    "tpu": "einsum",
+    "gpu": "pallas" if PALLAS_PROVEN_ON_GPU else "reference",
 }
 
 # Not an implementation: picks one for the default backend (resolve_roi_align_impl).
@@ -71,15 +88,20 @@ def roi_align_impl_names() -> tuple[str, ...]:
 def resolve_roi_align_impl(impl: str) -> str:
     """Name of the implementation that ``impl`` stands for.
 
-    ``"auto"`` is ``"pallas"`` on GPU and ``"reference"`` on CPU and TPU (the
-    kernel gathers rows from HBM, which Mosaic cannot lower); any other
-    registered name stands for itself.
+    ``"auto"`` picks only what has been proven on the platform
+    (:data:`AUTO_BY_BACKEND`): ``"reference"`` on CPU; ``"einsum"`` on TPU (the
+    one exception: unproven on TPU hardware, but the form the TPU anchors use;
+    the Pallas kernel gathers rows from HBM, which Mosaic cannot lower);
+    ``"pallas"`` on GPU only once :data:`PALLAS_PROVEN_ON_GPU` records the card
+    and date on which the device check found the compiled kernel equal to the
+    reference, ``"reference"`` until then. Any other registered name stands
+    for itself.
 
     Raises:
       ValueError: one line listing the valid names, if ``impl`` is not one.
     """
     if impl == AUTO_IMPL:
-        return "pallas" if jax.default_backend() == "gpu" else "reference"
+        return AUTO_BY_BACKEND.get(jax.default_backend(), "reference")
     if impl not in ROI_ALIGN_IMPLS:
         names = ", ".join(repr(n) for n in roi_align_impl_names())
         raise ValueError(f"roi_align impl must be one of {names}, got {impl!r}")

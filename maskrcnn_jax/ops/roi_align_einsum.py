@@ -61,7 +61,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.ops.roi_align import (
+from maskrcnn_jax.ops.roi_geometry import (
     LevelShapes,
     bilinear_axis,
     check_levels_args,
