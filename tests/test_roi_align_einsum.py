@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 from maskrcnn_jax import ops
-from maskrcnn_jax.ops.roi_align import flatten_levels, roi_align_levels
+from maskrcnn_jax.ops.roi_align import roi_align_levels
+from maskrcnn_jax.ops.roi_geometry import flatten_levels
 from maskrcnn_jax.ops.roi_align_einsum import roi_align_levels_einsum
 from tests.torch_ref import nhwc_to_torch, random_boxes, rois_from_batched, torch_to_nhwc
 
