@@ -30,10 +30,12 @@ Algorithm (static shapes, no per-box loop; cost independent of box sizes):
    w0))`` the two blocks ``T_k[:, w0]`` and ``T_k[:, w1 - 2**k]`` cover the
    bin, so two gathers of an ``[H, C]`` slab give every row's max over the bin
    and its first column (the left block wins ties, so it is the first).
-3. Stage 2, per bin: a masked max over the bin's rows of stage 1, as one
-   variadic reduction on (value, ``h * W + column``) that keeps the larger
-   value and, on ties, the smaller index, i.e. the first maximum in row-major
-   order, which is torchvision's argmax.
+3. Stage 2, per bin: the rows of stage 1 are folded in increasing order,
+   those outside the bin masked to ``-inf``, keeping (value, ``h * W +
+   column``) under "larger value, then smaller index": the first maximum in
+   row-major order, which is torchvision's argmax. A static loop over the
+   tallest level's rows (unrolled up to 64 rows, which XLA fuses into one
+   elementwise loop over the output; a ``lax.scan`` beyond).
 
 All levels share one code path, as in ``roi_align_levels``: the level tables
 are concatenated (rows padded with ``-inf`` to the tallest level) and each box
@@ -43,15 +45,15 @@ Memory and compute, with ``L`` levels, per image (``C`` channels, ``R`` boxes,
 ``H0 x W0`` the largest level, ``K_l = floor(log2 W_l) + 1``):
 
 * tables: ``sum_l K_l * W_l * H0 * C`` values plus as many column indices
-  (int16 while every W < 32768): about ``K_0`` feature maps of the largest
-  level. For the COCO model's P2..P5 of an 800 x 1088 input (P2 = 200 x
-  272, C = 256): 9 + 4 + 1.8 + 0.8 P2 maps, about 0.8 GB values + 0.4 GB
+  (int16 while every W < 32768): about ``1.7 * K_0`` maps the size of the
+  largest level. For the COCO model's P2..P5 of an 800 x 1088 input (P2 = 200 x
+  272, C = 256): 9 + 4 + 1.75 + 0.75 P2-sized maps, 0.86 GB values + 0.43 GB
   indices.
-* stage 1: ``[R, out_w, H0, C]`` values and indices from ``4 * R * out_w``
-  gathered slabs; for 512 boxes at 7 x 7 on that map 183 M elements (0.7 GB
-  + 0.37 GB), unless XLA fuses the gathers into stage 2.
-* stage 2: ``R * out_h * out_w * H0 * C`` compare-selects in one fused
-  reduction (1.3 G for the case above); nothing of size
+* stage 1: ``[R, out_w, H0, C]`` values and columns from ``4 * R * out_w``
+  gathered slabs; for 512 boxes at 7 x 7 on that map 183 M elements each
+  (0.7 GB + 0.37 GB).
+* stage 2: ``R * out_h * out_w * H0 * C`` compare-selects (1.3 G for the case
+  above) into the ``[R, out_h, out_w, C]`` output; nothing of size
   ``[R, out_h, out_w, H, W, C]`` or ``[R, out_w, H, W, C]`` exists.
 * residual for the backward: the argmax, int32 ``[B, R, out_h, out_w, C]``;
   the backward is one scatter-add into ``[B, N * C]``.
@@ -59,7 +61,7 @@ Memory and compute, with ``L`` levels, per image (``C`` channels, ``R`` boxes,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -205,8 +207,8 @@ def _select_max_first(x, y):
 
 # Stage 2 visits the rows of the tallest level one by one. Up to this many rows
 # the loop is unrolled, which XLA fuses into one elementwise loop over the
-# output (2.3x faster on CPU than a scan, and 6x faster than a variadic
-# reduce); beyond it a lax.scan keeps the compile time flat (200 unrolled rows
+# output (on a 2-core CPU, 2.3x faster than a scan and 6x faster than a
+# variadic reduce over rows); beyond it a lax.scan keeps the compile time flat (200 unrolled rows
 # take half a minute to compile).
 _UNROLL_MAX_ROWS = 64
 
@@ -226,7 +228,7 @@ def _bin_rows_max(
 
     Args:
       m1: [B, R, ow, H0, C] per row, the max over each bin column (-inf: none).
-      col: [B, R, ow, H0, C] int32, the first column of that max.
+      col: [B, R, ow, H0, C] int, the first column of that max.
       hstart, hend: [B, R, oh] int32 row ranges.
       width: [B, R, 1] int32 width of each box's level.
 
@@ -241,7 +243,7 @@ def _bin_rows_max(
     def fold(acc, h, m1_h, col_h):  # m1_h, col_h: [B, R, ow, C]
         in_row = ((hstart <= h) & (h < hend))[:, :, :, None, None]  # [B, R, oh, 1, 1]
         v = jnp.where(in_row, m1_h[:, :, None], jnp.array(-jnp.inf, m1.dtype))
-        i = jnp.broadcast_to(h * width + col_h[:, :, None], v.shape)
+        i = jnp.broadcast_to(h * width + col_h[:, :, None].astype(jnp.int32), v.shape)
         return _select_max_first(acc, (v, i))
 
     acc = (
@@ -260,7 +262,7 @@ def _pool_forward(features, boxes, levels, level_shapes, spatial_scales, output_
     """Values [B, R, oh, ow, C] and flat argmax rows [B, R, oh, ow, C] (-1: none)."""
     b, _, c = features.shape
     r = boxes.shape[1]
-    out_h, out_w = output_size
+    out_w = output_size[1]
     h0 = max(h for h, _ in level_shapes)
     col_dtype = jnp.int16 if max(w for _, w in level_shapes) < 2**15 else jnp.int32
 
@@ -305,7 +307,7 @@ def _pool_forward(features, boxes, levels, level_shapes, spatial_scales, output_
     take_right = right_v > left_v  # ties: the left block holds the first column
     m1 = jnp.where(take_right, right_v, left_v).reshape(b, r, out_w, h0, c)
     col = jnp.where(take_right, gather(table_a, right), gather(table_a, left))
-    col = col.astype(jnp.int32).reshape(b, r, out_w, h0, c)
+    col = col.reshape(b, r, out_w, h0, c)  # int16 while W < 2**15: half the bytes
 
     # Stage 2: per bin, the max over its rows of stage 1.
     value, index = _bin_rows_max(m1, col, hstart, hend, width)  # [B, R, oh, ow, C] each
@@ -319,8 +321,7 @@ def _pool_forward(features, boxes, levels, level_shapes, spatial_scales, output_
 
 
 def _roi_pool_flat_fwd(features, boxes, levels, level_shapes, spatial_scales, output_size):
-    value, index = _pool_forward(features, boxes, levels, level_shapes, spatial_scales,
-                                 output_size)
+    value, index = _pool_forward(features, boxes, levels, level_shapes, spatial_scales, output_size)
     return value, (index, boxes)
 
 
@@ -350,6 +351,9 @@ def _roi_pool_flat(features, boxes, levels, level_shapes, spatial_scales, output
 
 _roi_pool_flat = jax.custom_vjp(_roi_pool_flat, nondiff_argnums=(3, 4, 5))
 _roi_pool_flat.defvjp(_roi_pool_flat_fwd, _roi_pool_flat_bwd)
+# Jitted as a whole: called eagerly, its unrolled loops would otherwise run
+# (and compile) op by op. Inside an outer jit this is inlined.
+_roi_pool_flat = jax.jit(_roi_pool_flat, static_argnums=(3, 4, 5))
 
 
 def roi_pool_levels(
