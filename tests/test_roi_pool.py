@@ -21,8 +21,13 @@ import torchvision
 from torchvision.ops.poolers import LevelMapper
 
 from maskrcnn_jax.ops import assign_levels, flatten_levels
-from maskrcnn_jax.ops import roi_pool as roi_pool_lib
-from maskrcnn_jax.ops.roi_pool import box_bins, roi_pool, roi_pool_levels, round_half_away
+from maskrcnn_jax.ops.roi_pool import (
+    _UNROLL_MAX_ROWS,
+    box_bins,
+    roi_pool,
+    roi_pool_levels,
+    round_half_away,
+)
 from tests.torch_ref import nhwc_to_torch, random_boxes, rois_from_batched, torch_to_nhwc
 
 
@@ -145,7 +150,7 @@ def test_matches_torchvision_float_cotangents(output_size):
 def test_tall_map_uses_the_scan_path_and_matches():
     # More rows than the unrolled loop takes: the lax.scan path of stage 2.
     rng = np.random.default_rng(3)
-    h = roi_pool_lib._UNROLL_MAX_ROWS + 6
+    h = _UNROLL_MAX_ROWS + 6
     f = rng.integers(0, 3, size=(1, h, 9, 2)).astype(np.float32)
     boxes = random_boxes(rng, (1, 6), (h, 9), max_size=h)
     boxes[0, 0] = [-2, -5, 10, h + 5]
