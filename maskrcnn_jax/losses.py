@@ -106,3 +106,71 @@ def mask_loss(
     per_roi = jnp.mean(bce, axis=(-2, -1))
     return _safe_div(jnp.sum(jnp.where(positive, per_roi, 0.0)), jnp.sum(positive))
 
+
+
+def softmax_mask_loss(
+    mask_logits: jnp.ndarray, labels: jnp.ndarray, targets: jnp.ndarray, positive: jnp.ndarray
+) -> jnp.ndarray:
+    """Per-pixel softmax over the K class channels: the paper's "multinomial" masks.
+
+    The ablation of He et al. (2017), Table 2b: as in FCN semantic
+    segmentation, every pixel of a RoI is classified among the K classes
+    (channel 0 is background), so the classes compete. A pixel's target is
+    the RoI's ground-truth class where the mask covers it and background
+    elsewhere. The targets here are the soft [0, 1] ones :func:`mask_loss`
+    takes (torchvision RoIAligns the binary masks), so a pixel's target
+    distribution is ``t`` on the ground-truth class and ``1 - t`` on
+    background, and the loss is its cross-entropy with the softmax:
+    ``-(t * log p[label] + (1 - t) * log p[0])``.
+
+    * With binary targets this is exactly ``F.cross_entropy(logits, class_map)``
+      with ``class_map = label * target`` (Detectron2 binarises its targets at
+      0.5; ``torchvision`` keeps them soft).
+    * With K = 2 it equals :func:`mask_loss` on the logit ``z1 - z0``, so the
+      only change from the default loss is the competition between classes.
+
+    Args:
+      mask_logits: [B, P, M, M, K], channel 0 background.
+      labels: [B, P] int ground-truth class of each RoI (>= 1 where positive).
+      targets: [B, P, M, M] float in [0, 1].
+      positive: [B, P] bool, RoIs that contribute.
+
+    Returns:
+      Mean cross-entropy over all pixels of the positive RoIs, normalised as
+      :func:`mask_loss` (0 with a zero gradient when there are none).
+    """
+    logp = jax.nn.log_softmax(mask_logits.astype(jnp.float32), axis=-1)  # [B, P, M, M, K]
+    logp_fg = jnp.take_along_axis(logp, labels[:, :, None, None, None], axis=-1)[..., 0]
+    targets = targets.astype(jnp.float32)
+    ce = -(targets * logp_fg + (1.0 - targets) * logp[..., 0])  # [B, P, M, M]
+    per_roi = jnp.mean(ce, axis=(-2, -1))
+    return _safe_div(jnp.sum(jnp.where(positive, per_roi, 0.0)), jnp.sum(positive))
+
+
+def class_agnostic_mask_loss(
+    mask_logits: jnp.ndarray, targets: jnp.ndarray, positive: jnp.ndarray
+) -> jnp.ndarray:
+    """Per-pixel sigmoid cross-entropy on a single mask channel shared by all classes.
+
+    The class-agnostic masks of He et al. (2017) (Detectron2's
+    ``CLS_AGNOSTIC_MASK``): the head predicts one mask per RoI whatever its
+    class, trained with the same binary cross-entropy as :func:`mask_loss`.
+
+    Args:
+      mask_logits: [B, P, M, M, 1].
+      targets: [B, P, M, M] float in [0, 1].
+      positive: [B, P] bool, RoIs that contribute.
+
+    Returns:
+      Mean binary cross-entropy over all pixels of the positive RoIs (0 with
+      a zero gradient when there are none).
+
+    Raises:
+      ValueError: if ``mask_logits`` has more than one channel.
+    """
+    if mask_logits.shape[-1] != 1:
+        raise ValueError(
+            f"class-agnostic mask_logits must have 1 channel, got shape {tuple(mask_logits.shape)}"
+        )
+    labels = jnp.zeros(mask_logits.shape[:2], jnp.int32)
+    return mask_loss(mask_logits, labels, targets, positive)

@@ -117,3 +117,126 @@ def test_mask_loss_only_uses_ground_truth_channel_and_empty_is_zero():
     np.testing.assert_allclose(loss, np.log(2.0), rtol=sum_rtol(2 * 28 * 28))
     empty = jax.grad(lambda x: losses.mask_loss(x, labels, tgt, jnp.array([[False, False]])))(logits)
     assert float(jnp.abs(empty).sum()) == 0.0
+
+
+# Softmax ("multinomial") and class-agnostic masks, the paper's Table 2b
+# ablations. The losses are float32 means over n = N * M * M pixel terms; the
+# guide's bound for such a sum differing between implementations is ~n * 6e-8
+# relative (each term itself is a log-softmax of a few terms, a few ulp).
+
+
+def _mask_case(seed, n=6, k=4, m=28, binary=False):
+    """torchvision-built mask targets for n RoIs (soft, or binarised at 0.5)."""
+    rng = np.random.default_rng(seed)
+    logits = (3 * rng.normal(size=(n, k, m, m))).astype(np.float32)
+    gt_masks = (rng.uniform(size=(3, 64, 64)) > 0.5).astype(np.float32)
+    proposals = rng.uniform(0, 40, size=(n, 2))
+    proposals = np.concatenate([proposals, proposals + rng.uniform(3, 30, (n, 2))], 1)
+    matched = np.arange(n) % 3
+    tgt = tv_roi_heads.project_masks_on_boxes(
+        torch.from_numpy(gt_masks),
+        torch.from_numpy(proposals.astype(np.float32)),
+        torch.from_numpy(matched),
+        m,
+    ).numpy()
+    if binary:
+        tgt = (tgt >= 0.5).astype(np.float32)
+    labels = rng.integers(1, k, size=3)[matched] if k > 1 else np.zeros(n, np.int64)
+    return logits, labels, tgt
+
+
+def _ours_nhwc(logits):
+    return jnp.asarray(np.transpose(logits, (0, 2, 3, 1))[None])
+
+
+def test_softmax_mask_loss_binary_targets_match_cross_entropy_on_class_map():
+    logits, labels, tgt = _mask_case(10, binary=True)
+    n = logits.shape[0]
+    # The paper's target: the RoI's class where the mask is, background (0) elsewhere.
+    class_map = torch.from_numpy(labels[:, None, None] * tgt.astype(np.int64))
+    tl = torch.from_numpy(logits).requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(tl, class_map)
+    ref.backward()
+    rtol = tgt.size * 6e-8
+
+    def loss(x):
+        lab = labels[None].astype(np.int32)
+        return losses.softmax_mask_loss(x, lab, tgt[None], np.ones((1, n), bool))
+
+    ours, grad = jax.value_and_grad(loss)(_ours_nhwc(logits))
+    np.testing.assert_allclose(ours, ref.item(), rtol=rtol)
+    # Per element (softmax - onehot) / n_pixels: a few ulp of values <= 1 / n_pixels.
+    ref_grad = np.transpose(tl.grad.numpy(), (0, 2, 3, 1))
+    np.testing.assert_allclose(grad[0], ref_grad, rtol=0, atol=16 * 2.0**-24 / tgt.size)
+
+
+def test_softmax_mask_loss_soft_targets_match_cross_entropy_on_probabilities():
+    logits, labels, tgt = _mask_case(11)
+    n = logits.shape[0]
+    assert 0 < np.mean((tgt > 0) & (tgt < 1))  # some targets really are soft
+    # Target distribution per pixel: t on the RoI's class, 1 - t on background.
+    probs = np.zeros_like(logits)
+    probs[:, 0] = 1 - tgt
+    probs[np.arange(n), labels] += tgt
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(probs))
+    ours = losses.softmax_mask_loss(
+        _ours_nhwc(logits), labels[None].astype(np.int32), tgt[None], np.ones((1, n), bool)
+    )
+    np.testing.assert_allclose(ours, ref.item(), rtol=tgt.size * 6e-8)
+
+
+def test_softmax_mask_loss_with_two_classes_is_the_sigmoid_loss():
+    # softmax over (z0, z1) = sigmoid(z1 - z0): with one class the two losses
+    # coincide, so the ablation changes only the competition between classes.
+    logits, labels, tgt = _mask_case(12, k=2)
+    n = logits.shape[0]
+    lab = labels[None].astype(np.int32)
+    pos = np.ones((1, n), bool)
+    soft = losses.softmax_mask_loss(_ours_nhwc(logits), lab, tgt[None], pos)
+    diff = _ours_nhwc(logits[:, 1:] - logits[:, :1])  # [1, n, M, M, 1]
+    sig = losses.mask_loss(diff, np.zeros_like(lab), tgt[None], pos)
+    np.testing.assert_allclose(soft, sig, rtol=tgt.size * 6e-8)
+
+
+def test_softmax_mask_loss_ignores_unsampled_rois_and_empty_is_zero():
+    logits, labels, tgt = _mask_case(13)
+    n = logits.shape[0]
+    x, lab, t = _ours_nhwc(logits), labels[None].astype(np.int32), tgt[None]
+    pos = np.array([[True, False, True, True, False, True]])
+    ours = losses.softmax_mask_loss(x, lab, t, pos)
+    keep = pos[0]
+    only = np.ones((1, keep.sum()), bool)
+    ref = losses.softmax_mask_loss(x[:, keep], lab[:, keep], t[:, keep], only)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)  # same terms, same order: ulps only
+    none = np.zeros((1, n), bool)
+    assert float(losses.softmax_mask_loss(x, lab, t, none)) == 0.0
+    g = jax.grad(lambda v: losses.softmax_mask_loss(v, lab, t, none))(x)
+    assert float(jnp.abs(g).sum()) == 0.0
+
+
+def test_class_agnostic_mask_loss_matches_bce_on_the_single_channel():
+    logits, _, tgt = _mask_case(14, k=1)
+    n = logits.shape[0]
+    tl = torch.from_numpy(logits).requires_grad_(True)
+    # Detectron2's mask_rcnn_loss with cls_agnostic_mask: channel 0 for every RoI.
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(tl[:, 0], torch.from_numpy(tgt))
+    ref.backward()
+
+    def loss(x):
+        return losses.class_agnostic_mask_loss(x, tgt[None], np.ones((1, n), bool))
+
+    ours, grad = jax.value_and_grad(loss)(_ours_nhwc(logits))
+    np.testing.assert_allclose(ours, ref.item(), rtol=tgt.size * 6e-8)
+    ref_grad = np.transpose(tl.grad.numpy(), (0, 2, 3, 1))
+    np.testing.assert_allclose(grad[0], ref_grad, rtol=0, atol=16 * 2.0**-24 / tgt.size)
+    none = np.zeros((1, n), bool)
+    assert float(losses.class_agnostic_mask_loss(_ours_nhwc(logits), tgt[None], none)) == 0.0
+
+
+def test_class_agnostic_mask_loss_refuses_per_class_logits():
+    import pytest  # local: this block is appended to the file, imports untouched
+
+    with pytest.raises(ValueError, match="1 channel"):
+        losses.class_agnostic_mask_loss(
+            jnp.zeros((1, 2, 28, 28, 3)), jnp.zeros((1, 2, 28, 28)), jnp.ones((1, 2), bool)
+        )
