@@ -129,6 +129,7 @@ def roi_align_levels_einsum(
     aligned: bool = False,
     *,
     box_chunk: int = DEFAULT_BOX_CHUNK,
+    precision: jax.lax.Precision | None = None,
 ) -> jnp.ndarray:
     """RoIAlign on flattened feature levels without gathers or scatters.
 
@@ -150,8 +151,11 @@ def roi_align_levels_einsum(
       sampling_ratio: static samples per bin along each axis (>= 1).
       aligned: shift by half a pixel (Detectron2's ROIAlignV2).
       box_chunk: static boxes per image contracted at once (>= 1); bounds the
-        intermediate to [B, box_chunk, H_l, out_w, C] float32. Values above R
-        are clipped to R.
+        intermediate to [B, box_chunk, out, min(H_l, W_l), C] float32 (out =
+        out_w when W_l > H_l, else out_h). Values above R are clipped to R.
+      precision: of the products. None: ``HIGHEST`` for float32 features
+        (TPUs would otherwise round the operands to bfloat16, GPUs to TF32,
+        which breaks parity with torchvision), ``DEFAULT`` for 16-bit ones.
 
     Returns:
       [B, R, out_h, out_w, C] in the dtype of ``features``.
@@ -174,12 +178,13 @@ def roi_align_levels_einsum(
     shapes = [(int(h), int(w)) for h, w in level_shapes]
     scales = [float(s) for s in spatial_scales]
     dtype = features.dtype
-    # float32 (or wider) inputs: full-precision products, not 1-pass bf16 / TF32.
-    precision = jax.lax.Precision.HIGHEST if dtype.itemsize >= 4 else jax.lax.Precision.DEFAULT
+    if precision is None:
+        wide = dtype.itemsize >= 4
+        precision = jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
     k = max(1, min(int(box_chunk), r))
     n_chunks = math.ceil(r / k) if r else 0
 
-    def per_box(box, level, lvl, shape, scale):
+    def per_box(box, level, *, lvl, shape, scale):
         """[out_h, H_l], [out_w, W_l] weights of one box on level ``lvl`` (zero if not its level)."""
         ys, xs = sample_points(box, jnp.float32(scale), (out_h, out_w), g, aligned)
         on_level = (level == lvl).astype(jnp.float32)
@@ -208,9 +213,9 @@ def roi_align_levels_einsum(
             chunk_boxes, chunk_levels = chunk  # [k, 4], [k]
             out = jnp.zeros((k, out_h, out_w, c), jnp.float32)
             for lvl, (fmap, (h, w), scale) in enumerate(zip(level_maps, shapes, scales)):
-                wy, wx = jax.vmap(per_box, in_axes=(0, 0, None, None, None))(
-                    chunk_boxes, chunk_levels, lvl, (h, w), scale
-                )  # [k, out_h, H_l], [k, out_w, W_l]
+                level_weights = functools.partial(per_box, lvl=lvl, shape=(h, w), scale=scale)
+                wy, wx = jax.vmap(level_weights)(chunk_boxes, chunk_levels)
+                # wy: [k, out_h, H_l], wx: [k, out_w, W_l]
                 if w > h:
                     out_l = _contract(fmap, wx, wy, precision).transpose(0, 2, 1, 3)
                 else:
