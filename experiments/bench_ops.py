@@ -216,7 +216,8 @@ def time_torchvision(
 
     f_run()
     fb_run()
-    return {"fwd_s": _median_time(f_run, repeats), "fb_s": _median_time(fb_run, repeats), "device": dev}
+    fwd_s, fb_s = _median_time(f_run, repeats), _median_time(fb_run, repeats)
+    return {"fwd_s": fwd_s, "fb_s": fb_s, "device": dev}
 
 
 def bench(
@@ -259,7 +260,8 @@ def main() -> None:
     rows = bench(args.impl, args.device_shapes, args.repeats, args.large_boxes, args.dtype)
     print(
         f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} impl={args.impl}"
-        f" dtype={args.dtype} large_boxes={args.large_boxes} torchvision on {rows[0]['tv']['device']}"
+        f" dtype={args.dtype} large_boxes={args.large_boxes}"
+        f" torchvision on {rows[0]['tv']['device']}"
     )
     print(
         f"{'output':>6} {'compile s':>9} {'fwd ours s':>10} {'fwd tv s':>9} {'ratio':>6}"
@@ -268,7 +270,8 @@ def main() -> None:
     for r in rows:
         o, t = r["ours"], r["tv"]
         print(
-            f"{r['out']:>4}x{r['out']:<1} {o['compile_s']:9.2f} {o['fwd_s']:10.4f} {t['fwd_s']:9.4f}"
+            f"{r['out']:>4}x{r['out']:<1} {o['compile_s']:9.2f} {o['fwd_s']:10.4f}"
+            f" {t['fwd_s']:9.4f}"
             f" {o['fwd_s'] / t['fwd_s']:6.3f} {o['fb_s']:10.4f} {t['fb_s']:9.4f}"
             f" {o['fb_s'] / t['fb_s']:6.3f} {o['fwd_mem_mb']:8.0f} {o['fb_mem_mb']:8.0f}"
         )
