@@ -164,7 +164,8 @@ def time_torchvision(
 ) -> dict | None:
     """torchvision's ``roi_align`` / ``MultiScaleRoIAlign``, forward and forward+backward.
 
-    Runs on CUDA when available, else on the CPU. Returns None without torch
+    Runs on CUDA when available, else on the CPU, in float32 whatever ``dtype``
+    (for bfloat16 that is what torchvision's autocast does). Returns None without torch
     (a test-only dependency here), or without CUDA when ``require_cuda``.
 
     Returns:
@@ -179,7 +180,9 @@ def time_torchvision(
     if require_cuda and not cuda:
         return None
     dev = "cuda" if cuda else "cpu"
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    # bfloat16 compares with what torchvision's AMP does: its autocast rule runs
+    # roi_align in float32 (its kernels have no bfloat16 on the CPU).
+    tdtype = {"float32": torch.float32, "bfloat16": torch.float32}[dtype]
     tfeats = [torch.from_numpy(f).permute(0, 3, 1, 2).contiguous().to(dev, tdtype) for f in feats]
     tboxes = [torch.from_numpy(b).to(dev, tdtype) for b in boxes]
     rng = np.random.default_rng(seed)

@@ -30,7 +30,8 @@ Sections, most valuable first (a always runs):
   ``Precision.HIGHEST``): same valid slots and labels, boxes within 1e-3 px.
 - c: forward and forward+backward times (and XLA's memory of one call) of
   reference, pallas, einsum at b's shapes, float32 and bfloat16; torchvision's
-  CUDA ``roi_align`` beside them when torch with CUDA is importable.
+  CUDA ``roi_align`` beside them when torch with CUDA is importable (in
+  float32 for both rows: under AMP its autocast runs roi_align in float32).
 - d: the R50-FPN train step in bfloat16 on synthetic COCO-like batches
   (``experiments/coco_r50_fpn_1x.py``'s canvas and instance slots, 12
   instances with masks per image), batch 8 or the largest whose compiled
@@ -125,6 +126,7 @@ class Shapes:
     roi_channels: int
     roi_canvas: tuple[int, int]
     roi_outs: tuple[int, ...]
+    time_dtypes: tuple[str, ...]  # dtypes timed in c
     strides: tuple[int, ...]
     det_model: dict | None  # None: the model of train_experiment (box_score_thresh 0)
     det_canvas: tuple[int, int]
@@ -164,6 +166,7 @@ FULL = Shapes(
     roi_channels=256,
     roi_canvas=(800, 1344),
     roi_outs=(7, 14),
+    time_dtypes=("float32", "bfloat16"),
     strides=(4, 8, 16, 32),
     det_model=_DET_MODEL,
     det_canvas=(384, 512),
@@ -188,6 +191,7 @@ SMOKE = Shapes(
     roi_channels=8,
     roi_canvas=(64, 96),
     roi_outs=(7,),
+    time_dtypes=("bfloat16",),
     strides=(4, 8, 16, 32),
     det_model=None,
     det_canvas=(64, 64),
@@ -498,7 +502,7 @@ def section_c(shapes: Shapes) -> dict:
     )
     on_cpu = jax.default_backend() == "cpu"
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in shapes.time_dtypes:
         for out in shapes.roi_outs:
             row = {"dtype": dtype, "out": out}
             for impl in bench_ops.IMPLS:
