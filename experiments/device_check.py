@@ -678,7 +678,8 @@ def torchvision_run(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(rng.uniform(0, 1, (3, h, w)).astype(np.float32)).to(dev)
               for _ in range(spec["batch"])]
-    amp = torch.autocast(dev, dtype=torch.float16 if cuda else torch.bfloat16)
+    # AMP (float16 autocast + GradScaler) on CUDA; float32 on a CPU (the smoke run).
+    amp = torch.autocast(dev, dtype=torch.float16, enabled=cuda)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if spec["kind"] == "train":
         yy, xx = np.mgrid[:h, :w]
