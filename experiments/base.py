@@ -11,6 +11,8 @@ from maskrcnn_jax.modeling import get_model_config
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # True for configs meant for a GPU / TPU: the trainer warns when it finds only a CPU.
+    config.accelerator_recommended = False
     config.model = get_model_config()
     config.dataset = get_dataset_config("shapes")
 

@@ -19,6 +19,7 @@ from maskrcnn_jax.modeling import get_model_config
 
 def get_config():
     config = get_base_config()
+    config.accelerator_recommended = True
     config.model = get_model_config(num_classes=81, dtype="bfloat16", roi_align_impl="auto")
     config.dataset = get_dataset_config("coco")
     config.dataset.num_workers = 8

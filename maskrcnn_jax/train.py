@@ -168,6 +168,29 @@ def initial_variables(
     return variables
 
 
+def log_devices(config: ml_collections.ConfigDict) -> None:
+    """Logs the backend and devices in one line; warns in one line if an accelerator is missing.
+
+    ``config.accelerator_recommended`` (True in the COCO configs) is read here
+    and nowhere else: such a config on a CPU-only JAX trains, but slowly,
+    usually because the CPU jaxlib was installed instead of the accelerator's.
+    """
+    devices = jax.devices()
+    backend = jax.default_backend()
+    log.info(
+        "JAX backend %s: %d x %s, %d process(es)",
+        backend,
+        len(devices),
+        devices[0].device_kind,
+        jax.process_count(),
+    )
+    if config.get("accelerator_recommended", False) and backend == "cpu":
+        log.warning(
+            "this config is meant for a GPU or TPU but JAX found only a CPU; "
+            "install the accelerator build: make train ACCEL=cuda13 (or cuda12, tpu)"
+        )
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
     """One-line ``ValueError`` for a moved or invalid setting."""
     for name in MOVED_TO_MODEL:
@@ -213,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     _check_config(config)
     sharding.maybe_initialize_distributed()
+    log_devices(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -258,3 +258,30 @@ def test_overfits_a_handful_of_images(tmp_path, tiny_experiment_config):
 def _label_of(predictor, category_id):
     """Contiguous label of a dataset category id, from the checkpoint's config."""
     return list(predictor.config.category_ids).index(category_id)
+
+
+@pytest.mark.parametrize("recommended", [False, True])
+def test_log_devices_warns_once_for_an_accelerator_config_on_cpu(
+    caplog, tiny_experiment_config, recommended
+):
+    config = tiny_experiment_config()
+    config.accelerator_recommended = recommended
+    with caplog.at_level("INFO", logger=train.log.name):
+        train.log_devices(config)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    n = len(jax.devices())
+    assert infos == [f"JAX backend cpu: {n} x {jax.devices()[0].device_kind}, 1 process(es)"]
+    if recommended:
+        assert len(warnings) == 1 and "\n" not in warnings[0]
+        assert "only a CPU" in warnings[0] and "ACCEL=cuda13" in warnings[0]
+    else:
+        assert warnings == []
+
+
+def test_only_the_coco_config_asks_for_an_accelerator():
+    from experiments import coco_r50_fpn_1x, shapes, tiny
+
+    assert coco_r50_fpn_1x.get_config().accelerator_recommended is True
+    assert not shapes.get_config().accelerator_recommended
+    assert not tiny.get_config().accelerator_recommended
