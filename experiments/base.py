@@ -21,6 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     train.batch_size = 16  # global, over all devices and hosts
     train.num_devices = 0  # 0 = all devices
     # Detectron2's 1x recipe: lr 0.02 at batch 16, scaled linearly with the batch.
+    # Steps, warm-up and decays below are counted at reference_batch_size images
+    # per step, and base_lr is the rate at that batch; another train.batch_size
+    # rescales all of them (Detectron2's rule, see optim.effective_schedule).
     train.base_lr = 0.02
     train.reference_batch_size = 16
     train.warmup_steps = 1000
@@ -36,6 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     init = config.init = ml_collections.ConfigDict()
     init.checkpoint = ""  # a Mask R-CNN checkpoint to fine-tune (class layers re-initialised)
     init.backbone_checkpoint = ""  # a torchvision ResNet classification .pth (ImageNet)
+    # A frozen-norm backbone with neither checkpoint is refused at start-up
+    # (its frozen stages would stay random); True trains it from scratch anyway.
+    init.from_scratch = False
 
     config.log_every = 20
     config.checkpoint_every = 1000

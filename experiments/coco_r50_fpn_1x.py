@@ -1,7 +1,11 @@
 """Detectron2's 1x recipe for COCO 2017 on GPU / TPU: R50-FPN, 90k steps, batch 16.
 
-Run on one GPU (batch 16 fits an 80 GB card in bfloat16; use 8 and the linear
-scaling rule picks lr 0.01 on smaller cards):
+Run on one GPU (batch 16 fits an 80 GB card in bfloat16). On smaller cards use
+``--config.train.batch_size=8``: the schedule scales with the batch
+(Detectron2's rule), so that is 180k steps at lr 0.01 with decays at 120k and
+160k, the same 12 epochs. Training images without annotations are dropped
+(``dataset.drop_empty_images``, the coco preset's default); the start of the
+log states the schedule and the number dropped.
   python -m maskrcnn_jax.train --config experiments/coco_r50_fpn_1x.py --workdir runs/coco \
     --config.dataset.train_annotations=/data/coco/annotations/instances_train2017.json \
     --config.dataset.train_images=/data/coco/train2017 \

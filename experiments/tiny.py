@@ -50,7 +50,8 @@ def get_config():
     train = config.train
     train.steps = 4
     train.batch_size = 8
-    train.base_lr = 0.02
+    train.base_lr = 0.01  # = 0.02 * 8 / 16, the rate at batch 8 before steps scaled
+    train.reference_batch_size = 8
     train.warmup_steps = 2
     train.decay_steps = (1000,)
     config.model.rpn_batch_size_per_image = 64

@@ -106,16 +106,21 @@ def config_from_state_dict(
 ) -> ml_collections.ConfigDict:
     """Model config for a torchvision Mask R-CNN state dict.
 
-    ``num_classes``, ``depth``, ``backbone_width`` and ``fpn_channels`` come
-    from the weights; everything else from torchvision's defaults and
-    ``overrides``.
+    ``num_classes``, ``depth``, ``backbone_width``, ``fpn_channels``,
+    ``representation_size`` and ``mask_head_dim`` come from the weights;
+    everything else from torchvision's defaults and ``overrides``.
     """
     sd = _normalize_keys(state_dict)
     fields: dict[str, Any] = dict(infer_backbone(sd, "backbone.body."))
-    if "roi_heads.box_predictor.cls_score.weight" in sd:
-        fields["num_classes"] = int(sd["roi_heads.box_predictor.cls_score.weight"].shape[0])
-    if "backbone.fpn.inner_blocks.0.0.weight" in sd:
-        fields["fpn_channels"] = int(sd["backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+    outputs = (  # (field, the weight whose output size it is)
+        ("num_classes", "roi_heads.box_predictor.cls_score.weight"),
+        ("fpn_channels", "backbone.fpn.inner_blocks.0.0.weight"),
+        ("representation_size", "roi_heads.box_head.fc6.weight"),
+        ("mask_head_dim", "roi_heads.mask_head.0.0.weight"),
+    )
+    for field, key in outputs:
+        if key in sd:
+            fields[field] = int(sd[key].shape[0])
     fields.update(overrides)
     return get_model_config(**fields)
 

@@ -38,21 +38,11 @@ from maskrcnn_jax import data, optim, sharding, validation
 from maskrcnn_jax.batch import TRAIN_KEYS
 from maskrcnn_jax.metrics_writer import MetricsWriter, to_python
 from maskrcnn_jax.modeling import MaskRCNN, init_model
-from maskrcnn_jax.modeling.config import validate_config
 from maskrcnn_jax.preemption import Preemption
+from maskrcnn_jax.recipe import MOVED_TO_MODEL, validate_recipe  # noqa: F401 (its old home)
 from maskrcnn_jax.torchvision_weights import load_torchvision_backbone
 
 log = logging.getLogger(__name__)
-
-# Settings that moved from config.train to config.model (the model's training forward).
-MOVED_TO_MODEL = (
-    "rpn_batch_size_per_image",
-    "rpn_positive_fraction",
-    "roi_batch_size_per_image",
-    "roi_positive_fraction",
-    "mask_rois_per_image",
-    "smooth_l1_beta",
-)
 
 
 class TrainingError(RuntimeError):
@@ -191,14 +181,6 @@ def log_devices(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-    """One-line ``ValueError`` for a moved or invalid setting."""
-    for name in MOVED_TO_MODEL:
-        if name in config.train:
-            raise ValueError(f"config.train.{name} is now config.model.{name}")
-    validate_config(config.model)
-
-
 def _data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """The dataset config; prepared data defaults to ``WORKDIR/data``."""
     ds = ml_collections.ConfigDict(config.dataset.to_dict())
@@ -234,15 +216,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The final metrics (last logged losses and, if evaluated, COCO metrics).
     """
-    _check_config(config)
     sharding.maybe_initialize_distributed()
     log_devices(config)
+    mesh = sharding.make_mesh(config.train.get("num_devices") or None)
+    validate_recipe(config, mesh.size)  # before any data preparation or compilation
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.train.get("num_devices") or None)
-    sharding.check_batch_size(config.train.batch_size, mesh)
     model_config = _model_config_with_categories(config, workdir)
+    schedule = optim.effective_schedule(config.train)
+    log.info(schedule.describe(data.train_epoch_size(_data_config(config, workdir))))
     model = MaskRCNN(config.model)
     image_size = tuple(config.dataset.image_size)
 
@@ -291,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             def save(step):
                 ckpt.save_train_state(manager, step, state, model_config, train_iter.get_state())
 
-            step, total = int(state.step), int(config.train.steps)
+            step, total = int(state.step), schedule.steps
             last: dict[str, Any] = {}
             progress = stack.enter_context(
                 tqdm(

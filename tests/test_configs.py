@@ -43,7 +43,7 @@ CONFIG_NAMES = sorted(
 
 
 def test_experiments_are_a_package_of_configs():
-    assert CONFIG_NAMES == ["coco_r50_fpn_1x", "shapes", "tiny"]
+    assert CONFIG_NAMES == ["coco_r50_fpn_1x", "coco_r50_fpn_lsj", "shapes", "tiny"]
     for name in os.listdir(os.path.dirname(experiments.__file__)):
         if name.endswith(".py"):
             with open(os.path.join(os.path.dirname(experiments.__file__), name)) as f:

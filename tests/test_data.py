@@ -108,6 +108,7 @@ def coco_config(root: str, ann: str, imgs: str, **overrides) -> ml_collections.C
     c.max_instances = 4
     c.mask_size = 16
     c.num_workers = 0
+    c.drop_empty_images = False  # The coco preset drops them; these tests see every image.
     for k, v in overrides.items():
         c[k] = v
     return c
@@ -137,6 +138,7 @@ def test_coco_builder_stores_every_field(coco):
     assert stats["skipped"] == {"polygon_lt_3_points": 1}  # Annotation 106.
     assert prepared.num_skipped("train") == 1
     assert stats["instances_per_image"] == {"0": 1, "1": 3, "2": 1}
+    assert stats["num_without_instances"] == 1  # Image 50.
 
     ex = _by_id(prepared.data_source("train"))
     assert sorted(ex) == [10, 20, 30, 40, 50]
@@ -239,7 +241,7 @@ def test_truncation_warned_up_front_and_counted_per_example(coco, caplog):
     assert b["masks"].shape[1] == 1
 
 
-def test_train_iterator_deterministic_and_drops_empty_on_request(coco):
+def test_train_iterator_deterministic_and_drops_empty_on_request(coco, caplog):
     cfg, _ = coco
     with (data.make_train_iterator(cfg, seed=3, batch_size=2) as a,
           data.make_train_iterator(cfg, seed=3, batch_size=2) as b):
@@ -256,9 +258,13 @@ def test_train_iterator_deterministic_and_drops_empty_on_request(coco):
 
     cfg_drop = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations,
                            cfg.train_images, skip_bad_annotations=True, drop_empty_images=True)
-    with data.make_train_iterator(cfg_drop, seed=0, batch_size=2) as d:
+    with caplog.at_level(logging.INFO), data.make_train_iterator(cfg_drop, seed=0,
+                                                                 batch_size=2) as d:
         ids = np.concatenate([x["image_id"] for x in input_pipeline.take(d, 6)])
     assert 50 not in ids and set(ids.tolist()) == {10, 20, 30, 40}
+    assert "drop_empty_images: 1 of 5 train images have no non-crowd instance" in caplog.text
+    assert data.train_epoch_size(cfg_drop) == 4 and data.train_epoch_size(cfg) == 5
+    assert data.get_dataset_config("coco").drop_empty_images
 
 
 @pytest.mark.parametrize("workers", [0, 2])

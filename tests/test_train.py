@@ -214,7 +214,7 @@ def test_overfits_a_handful_of_images(tmp_path, tiny_experiment_config):
     from maskrcnn_jax.inference import Predictor
 
     config = tiny_experiment_config(
-        steps=150, base_lr=0.04, warmup_steps=10, decay_steps=(120,), clip_norm=10.0
+        steps=150, base_lr=0.02, warmup_steps=10, decay_steps=(120,), clip_norm=10.0
     )
     config.dataset.shapes.num_train = 8
     config.dataset.flip = False

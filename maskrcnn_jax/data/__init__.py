@@ -23,6 +23,7 @@ from maskrcnn_jax.data.input_pipeline import (
     BATCH_KEYS,
     InputIterator,
     make_train_iterator,
+    train_epoch_size,
 )
 from maskrcnn_jax.data.shapes import SHAPES_CATEGORIES, write_shapes_coco
 from maskrcnn_jax.data.transforms import InputSpec, preprocess
@@ -42,5 +43,6 @@ __all__ = [
     "prepare_dataset",
     "preprocess",
     "resolve_data_dir",
+    "train_epoch_size",
     "write_shapes_coco",
 ]

@@ -89,8 +89,9 @@ def generate_coco_examples(
       categories: the label map (the train split's).
       counter: raises or counts bad items.
       stats: if given, filled at the end with ``num_images``,
-        ``num_annotations``, ``num_crowd`` and ``instances_per_image`` (a
-        histogram ``{str(count): num_images}``).
+        ``num_annotations``, ``num_crowd``, ``num_without_instances`` (images
+        with no non-crowd instance: what ``drop_empty_images`` drops) and
+        ``instances_per_image`` (a histogram ``{str(count): num_images}``).
 
     Raises:
       DatasetError: a bad item when ``counter.skip`` is False, or a duplicate
@@ -118,7 +119,7 @@ def generate_coco_examples(
         anns_by_image[ann["image_id"]].append(ann)
 
     histogram: collections.Counter[int] = collections.Counter()
-    num_annotations = num_crowd = num_images = 0
+    num_annotations = num_crowd = num_images = num_without_instances = 0
     for img in data["images"]:
         example = _image_example(img, anns_by_image.get(img["id"], []), images_dir, name,
                                  categories, counter)
@@ -129,6 +130,7 @@ def generate_coco_examples(
         num_images += 1
         num_annotations += n
         num_crowd += int(example["objects"]["is_crowd"].sum())
+        num_without_instances += bool(np.all(example["objects"]["is_crowd"]))
         yield int(img["id"]), example
 
     if stats is not None:
@@ -136,6 +138,7 @@ def generate_coco_examples(
             num_images=num_images,
             num_annotations=num_annotations,
             num_crowd=num_crowd,
+            num_without_instances=num_without_instances,
             instances_per_image={str(k): v for k, v in sorted(histogram.items())},
         )
 

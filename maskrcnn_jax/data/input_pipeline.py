@@ -52,7 +52,7 @@ from maskrcnn_jax.data.datasets import PreparedDataset, dataset_config, prepare_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "InputIterator", "make_train_iterator", "take"]
+__all__ = ["BATCH_KEYS", "InputIterator", "make_train_iterator", "take", "train_epoch_size"]
 
 
 def make_train_iterator(
@@ -97,6 +97,11 @@ def make_train_iterator(
     operations: list[Any] = []
     if c.drop_empty_images:
         operations.append(_HasInstances())
+        dropped, exact = _num_dropped(prepared, "train")
+        logger.info(
+            "drop_empty_images: %s%d of %d train images have no non-crowd instance and are dropped",
+            "" if exact else "at least ", dropped, len(source),
+        )  # fmt: skip
     operations += [_TrainPreprocess(spec), grain.Batch(per_process, drop_remainder=True)]
     return _iterate(source, sampler, operations, c)
 
@@ -304,6 +309,35 @@ class _HasInstances(_ExitsWithParent, grain.FilterTransform):
 
     def filter(self, element: dict[str, Any]) -> bool:
         return not bool(np.all(np.asarray(element["objects"]["is_crowd"], bool)))
+
+
+def _num_dropped(prepared: PreparedDataset, split: str) -> tuple[int, bool]:
+    """(images of ``split`` that ``drop_empty_images`` drops, whether the count is exact).
+
+    Read from the preparation statistics (``num_without_instances``). A
+    dataset prepared before that count existed, or one without statistics
+    (shapes, whose images all have instances), gives the images with no
+    annotation at all: a lower bound (crowd-only images are dropped too).
+    """
+    stats = prepared.split_stats.get(split, {})
+    if "num_without_instances" in stats:
+        return int(stats["num_without_instances"]), True
+    return int(stats.get("instances_per_image", {}).get("0", 0)), False
+
+
+def train_epoch_size(config: ml_collections.ConfigDict) -> int:
+    """Training images per epoch over all processes (after ``drop_empty_images``).
+
+    Prepares the dataset if needed (a no-op once prepared). A dataset prepared
+    before crowd-only images were counted may hold a few fewer.
+
+    Args:
+      config: dataset config (or a config with a ``dataset`` field).
+    """
+    c = dataset_config(config)
+    prepared = prepare_dataset(c)
+    total = len(prepared.data_source("train"))
+    return total - _num_dropped(prepared, "train")[0] if c.drop_empty_images else total
 
 
 def _per_process_batch(global_batch: int, process_count: int) -> int:

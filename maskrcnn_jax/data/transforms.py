@@ -66,8 +66,9 @@ class InputSpec:
         h, w = self.image_size
         if not self.lsj and self.max_size > min(h, w):
             raise ValueError(
-                f"max_size={self.max_size} does not fit image_size={self.image_size}: "
-                "a resized image's longer side can be max_size in either orientation"
+                f"dataset.max_size={self.max_size} does not fit the canvas dataset.image_size="
+                f"{self.image_size}: a resized image's longer side can be max_size in either "
+                "orientation; enlarge image_size or lower max_size"
             )
         if not self.scales or min(self.scales) < 1 or self.max_instances < 1:
             raise ValueError(f"bad scales / max_instances in {self}")
