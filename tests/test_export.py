@@ -83,7 +83,8 @@ def test_cli_artifact_contents(trained_tiny, trained_export, capsys):
     assert (manifest["min_size"], manifest["max_size"]) == (model_config.min_size,
                                                              model_config.max_size)  # fmt: skip
     assert manifest["size_divisible"] == model_config.size_divisible
-    assert manifest["category_ids"] == list(model_config.category_ids)
+    category_ids = model_config.get("category_ids")
+    assert manifest["category_ids"] == (None if category_ids is None else list(category_ids))
     assert manifest["versions"]["jax"] == jax.__version__
     assert manifest["roi_align_impl"] in export.PORTABLE_ROI_ALIGN
     predictor = serving.ExportedPredictor(trained_export)
