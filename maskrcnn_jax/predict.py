@@ -15,7 +15,8 @@ For each image ``OUT/<stem>.png`` shows the detections scoring at least
 ``category_id`` is the model's label mapped as for evaluation
 (``coco_eval.label_to_category_id``: the config's ``category_ids``, else the
 label itself). ``--exported DIR`` runs an artifact of ``python -m
-maskrcnn_jax.export`` instead of a checkpoint. A directory among the inputs stands for the images in it.
+maskrcnn_jax.export`` instead of a checkpoint. A directory among the inputs
+stands for the images in it.
 Images are read upright (EXIF orientation applied), so boxes are in the upright
 frame. A file that cannot be read is reported on stderr (one line) and skipped;
 the exit status is then 1. Bad flags, checkpoints or class-name files: status 2.

@@ -59,7 +59,7 @@ def sha256_of(path: str) -> str:
 
 
 def current_platform() -> str:
-    """The default backend as ``jax.export`` names platforms (``cpu``, ``cuda``, ``rocm``, ``tpu``)."""
+    """The default backend as ``jax.export`` names platforms: cpu, cuda, rocm or tpu."""
     backend = jax.default_backend()
     if backend == "gpu":
         version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()

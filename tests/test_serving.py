@@ -133,7 +133,9 @@ def test_predict_and_evaluate_take_exported(artifact, tmp_path, capsys):
         evaluate.main(["--exported", artifact, "--checkpoint", artifact, "--annotations", "a",
                        "--images", "b"])  # fmt: skip
     assert "not allowed with" in capsys.readouterr().err
-    assert evaluate.main(["--exported", str(tmp_path / "nope"), "--annotations",
-                          os.path.join(COCO_TINY, "instances.json"), "--images", COCO_TINY]) == 2  # fmt: skip
+    annotations = os.path.join(COCO_TINY, "instances.json")
+    code = evaluate.main(["--exported", str(tmp_path / "nope"), "--annotations", annotations,
+                          "--images", COCO_TINY])  # fmt: skip
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such exported-model directory" in err[0]
