@@ -318,7 +318,8 @@ def evaluate_predictions(
     image_ids: Iterable[int] | None = None,
     verbose: bool = False,
     print_fn: Callable[[str], None] = print,
-) -> dict[str, dict[str, float]]:
+    per_class: bool = False,
+) -> dict[str, Any]:
     """Runs ``COCOeval`` for each IoU type.
 
     Args:
@@ -330,9 +331,12 @@ def evaluate_predictions(
       verbose: print each type's 12-line table (``print_fn``), headed
         ``IoU metric: <type>``; pycocotools' progress chatter is never printed.
       print_fn: where tables go.
+      per_class: also compute each category's AP (:func:`per_class_ap`),
+        returned under ``"per_class"`` and, with ``verbose``, printed as a table.
 
     Returns:
-      ``{iou_type: {"AP": ..., ..., "ARl": ...}}`` with ``STAT_NAMES`` keys.
+      ``{iou_type: {"AP": ..., ..., "ARl": ...}}`` with ``STAT_NAMES`` keys;
+      with ``per_class`` also ``"per_class": {name: {"bbox_AP": .., "segm_AP": ..}}``.
 
     Raises:
       ValueError: unknown IoU type, results for images not in ``coco_gt``, or
@@ -343,10 +347,14 @@ def evaluate_predictions(
         if iou_type not in IOU_TYPES:
             raise ValueError(f"unknown iou type {iou_type!r}; expected one of {IOU_TYPES}")
     img_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(set(image_ids))
-    metrics = {}
+    metrics: dict[str, Any] = {}
+    classes: dict[str, dict[str, float]] = {}
+    names = category_names(coco_gt)
     for iou_type in iou_types:
         if not img_ids:
             metrics[iou_type] = {name: -1.0 for name in STAT_NAMES}
+            for name in names.values():
+                classes.setdefault(name, {})[f"{iou_type}_AP"] = -1.0
             continue
         chatter = io.StringIO()
         with contextlib.redirect_stdout(chatter):
@@ -363,7 +371,63 @@ def evaluate_predictions(
         metrics[iou_type] = {
             name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats, strict=True)
         }
+        for cat_id, ap in per_class_ap(evaluator).items():
+            classes.setdefault(names[cat_id], {})[f"{iou_type}_AP"] = ap
+    if per_class:
+        metrics["per_class"] = classes
+        if verbose:
+            print_fn(format_per_class(classes, iou_types))
     return metrics
+
+
+def category_names(coco_gt: COCO) -> dict[int, str]:
+    """Category id -> name (``"<name> (<id>)"`` where names repeat; the id where none)."""
+    cats = sorted(coco_gt.dataset.get("categories", []), key=lambda c: c["id"])
+    raw = {c["id"]: str(c.get("name", c["id"])) for c in cats}
+    counts: dict[str, int] = {}
+    for name in raw.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {i: (n if counts[n] == 1 else f"{n} ({i})") for i, n in raw.items()}
+
+
+def per_class_ap(evaluator: COCOeval, max_dets: int = 100) -> dict[int, float]:
+    """AP of each category from an accumulated ``COCOeval``'s precision array.
+
+    ``eval["precision"]`` is ``[T, R, K, A, M]`` (IoU thresholds, recall
+    points, categories, area ranges, max detections); a category's AP is the
+    mean over T and R at area ``all`` and ``maxDets = max_dets``, leaving out
+    the ``-1`` entries (what ``COCOeval.summarize`` does for all categories at
+    once). ``-1`` for a category without ground truth on the evaluated images.
+
+    Returns:
+      ``{category_id: AP}`` for ``evaluator.params.catIds``.
+    """
+    params = evaluator.params
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    area = params.areaRngLbl.index("all")
+    dets = list(params.maxDets).index(max_dets)
+    out = {}
+    for k, cat_id in enumerate(params.catIds):
+        p = precision[:, :, k, area, dets]
+        p = p[p > -1]
+        out[int(cat_id)] = float(np.mean(p)) if p.size else -1.0
+    return out
+
+
+def format_per_class(
+    per_class: Mapping[str, Mapping[str, float]], iou_types: Sequence[str] = IOU_TYPES
+) -> str:
+    """A text table, one row per category: name, then AP per IoU type (``-`` for -1)."""
+    width = max([len("category"), *(len(n) for n in per_class)])
+    head = f"{'category':<{width}}" + "".join(f"  {t + '_AP':>8}" for t in iou_types)
+    rows = [head, "-" * len(head)]
+    for name, aps in per_class.items():
+        cells = []
+        for t in iou_types:
+            v = aps.get(f"{t}_AP", -1.0)
+            cells.append(f"  {'-' if v < 0 else f'{v:.3f}':>8}")
+        rows.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(rows)
 
 
 def run_evaluation(
@@ -409,7 +473,8 @@ def run_evaluation(
       results_file: also write the COCO results JSON there.
 
     Returns:
-      ``{"bbox": {STAT_NAME: value}, "segm": {...}, "images": int, "skipped": int}``.
+      ``{"bbox": {STAT_NAME: value}, "segm": {...}, "per_class": {name: {"bbox_AP": ..,
+      "segm_AP": ..}}, "images": int, "skipped": int}``.
 
     Raises:
       ValueError: bad annotation file, label mapping or ``batch_size``.
@@ -461,7 +526,7 @@ def run_evaluation(
     if iou_types is None:
         iou_types = IOU_TYPES if all_masks else ("bbox",)
     metrics: dict[str, Any] = evaluate_predictions(
-        coco_gt, results, iou_types=iou_types, image_ids=done, verbose=verbose
+        coco_gt, results, iou_types=iou_types, image_ids=done, verbose=verbose, per_class=True
     )
     metrics["images"] = len(done)
     metrics["skipped"] = skipped

@@ -1,6 +1,7 @@
 """COCO box and mask AP of a checkpoint on a COCO-format annotation file.
 
-    python -m maskrcnn_jax.evaluate --checkpoint CKPT_DIR --annotations instances.json \\
+    python -m maskrcnn_jax.evaluate (--checkpoint CKPT_DIR | --exported DIR) \\
+        --annotations instances.json \\
         --images DIR [--output metrics.json] [--max_images N] [--batch_size 8] \\
         [--score_threshold 0] [--predictions results.json]
 
@@ -9,7 +10,14 @@ Runs the model on every image of the file (sorted by image id; the first N with
 ``segm`` and writes, with ``--output``::
 
     {"bbox": {"AP": ..., "AP50": ..., ..., "ARl": ...}, "segm": {...},
+     "per_class": {"<category name>": {"bbox_AP": ..., "segm_AP": ...}, ...},
      "images": <images evaluated>, "skipped": <images that could not be read>}
+
+and prints a per-class table after them: each category's AP from pycocotools'
+precision array (mean over IoU thresholds and recall points, area ``all``,
+100 detections; -1, shown ``-``, for a category without ground truth).
+``--exported DIR`` evaluates an artifact of ``python -m maskrcnn_jax.export``
+(through ``serving.ExportedPredictor``) instead of a checkpoint.
 
 Values are pycocotools' (fractions in [0, 1]; -1 where a size range has no
 ground truth). Only the images actually run are evaluated: ``--max_images`` and
@@ -39,8 +47,20 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from maskrcnn_jax import cli_flags, coco_eval
+
+
+def load_predictor(checkpoint: str | None, exported: str | None, batch_size: int) -> Any:
+    """``inference.Predictor`` of a checkpoint, or ``serving.ExportedPredictor`` of an artifact."""
+    if exported is not None:
+        from maskrcnn_jax.serving import ExportedPredictor
+
+        return ExportedPredictor(exported)
+    from maskrcnn_jax.inference import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,7 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m maskrcnn_jax.evaluate",
         description="COCO bbox and segm AP of a Mask R-CNN checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or training work dir")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint dir or training work dir")
+    model.add_argument(
+        "--exported", help="artifact dir of python -m maskrcnn_jax.export (instead of --checkpoint)"
+    )
     parser.add_argument("--annotations", required=True, help="COCO-format instances JSON")
     parser.add_argument("--images", required=True, help="directory of the images' file_name")
     parser.add_argument("--output", help="write the metrics JSON here")
@@ -72,13 +96,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from maskrcnn_jax.checkpoint import CheckpointError
-    from maskrcnn_jax.inference import Predictor
 
     try:
         coco_gt = coco_eval.load_coco(args.annotations)
         if not os.path.isdir(args.images):
             raise ValueError(f"{args.images}: no such image directory")
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+        predictor = load_predictor(args.checkpoint, args.exported, args.batch_size)
         category_ids = coco_eval.label_to_category_id(coco_eval.model_config_of(predictor), coco_gt)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Run a checkpoint on image files; write pictures and COCO-format predictions.
 
-    python -m maskrcnn_jax.predict --checkpoint CKPT_DIR --output_dir OUT IMAGE [IMAGE ...]
+    python -m maskrcnn_jax.predict (--checkpoint CKPT_DIR | --exported DIR) --output_dir OUT \\
+        IMAGE [IMAGE ...]
         [--score_threshold 0.5] [--class_names names.txt] [--batch_size 1]
 
 For each image ``OUT/<stem>.png`` shows the detections scoring at least
@@ -13,7 +14,9 @@ For each image ``OUT/<stem>.png`` shows the detections scoring at least
 
 ``category_id`` is the model's label mapped as for evaluation
 (``coco_eval.label_to_category_id``: the config's ``category_ids``, else the
-label itself). A directory among the inputs stands for the images in it.
+label itself). ``--exported DIR`` runs an artifact of ``python -m
+maskrcnn_jax.export`` instead of a checkpoint. A directory among the inputs
+stands for the images in it.
 Images are read upright (EXIF orientation applied), so boxes are in the upright
 frame. A file that cannot be read is reported on stderr (one line) and skipped;
 the exit status is then 1. Bad flags, checkpoints or class-name files: status 2.
@@ -43,13 +46,28 @@ def _category_table(model_config: Any) -> np.ndarray | None:
         return None
 
 
+def load_predictor(checkpoint: str | None, exported: str | None, batch_size: int) -> Any:
+    """``inference.Predictor`` of a checkpoint, or ``serving.ExportedPredictor`` of an artifact."""
+    if exported is not None:
+        from maskrcnn_jax.serving import ExportedPredictor
+
+        return ExportedPredictor(exported)
+    from maskrcnn_jax.inference import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli_flags.ArgumentParser(
         prog="python -m maskrcnn_jax.predict",
         description="Draw Mask R-CNN predictions on images and write them as COCO results.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint dir or training work dir")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint dir or training work dir")
+    model.add_argument(
+        "--exported", help="artifact dir of python -m maskrcnn_jax.export (instead of --checkpoint)"
+    )
     parser.add_flag("--output_dir", required=True, help="where pictures and JSON go")
     parser.add_flag(
         "--score_threshold",
@@ -72,7 +90,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from maskrcnn_jax.checkpoint import CheckpointError
-    from maskrcnn_jax.inference import Predictor
 
     paths = image_io.list_images(args.images)
     if not paths:
@@ -80,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        predictor = Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+        predictor = load_predictor(args.checkpoint, args.exported, args.batch_size)
         config = coco_eval.model_config_of(predictor)
         if args.class_names:
             names = class_names.read_class_names(

@@ -54,6 +54,10 @@ def evaluate_during_training(
 ) -> dict[str, float]:
     """COCO bbox and segm metrics as flat ``{"bbox_AP": ..., "segm_AP": ...}``.
 
+    Per-category AP comes as ``per_class/<name>/bbox_AP`` and ``.../segm_AP``
+    (``-1`` for a category without ground truth), so it reaches the metrics
+    writer and TensorBoard beside the totals.
+
     With ``pictures > 0`` the first validation images are also drawn with
     their predictions into ``WORKDIR/pictures/``.
     """
@@ -63,8 +67,12 @@ def evaluate_during_training(
         predictor, ann, images_dir, max_images=config.eval_max_images or None, verbose=False
     )
     flat = {f"{t}_{k}": float(v) for t in ("bbox", "segm") for k, v in metrics.get(t, {}).items()}
+    for name, aps in metrics.get("per_class", {}).items():
+        flat.update({f"per_class/{name}/{k}": float(v) for k, v in aps.items()})
     flat["eval_images"] = metrics["images"]
-    summary = [f"{k}={flat[k]:.3f}" for k in flat if k.split("_", 1)[1] in SUMMARY]
+    summary = [
+        f"{k}={flat[k]:.3f}" for k in flat if "/" not in k and k.split("_", 1)[-1] in SUMMARY
+    ]
     logging.info("step %d: %s", step, ", ".join(summary))
     if pictures:
         draw_pictures(predictor, ann, images_dir, os.path.join(workdir, "pictures"), pictures)

@@ -247,3 +247,39 @@ def test_mask_rles_of_results_file_decode(tmp_path):
     results = json.loads(Path(path).read_text())
     assert {r["category_id"] for r in results} == {1, 3, 7}
     assert mask_util.decode(results[0]["segmentation"]).any()
+
+
+def test_per_class_ap_hand_built(coco_gt):
+    """Ground truth fed back: every class 1.0; drop 'square' detections: it alone scores 0.0."""
+    metrics = coco_eval.evaluate_predictions(coco_gt, gt_as_results(coco_gt), per_class=True)
+    assert set(metrics["per_class"]) == {"circle", "square", "triangle"}
+    for name, aps in metrics["per_class"].items():
+        assert aps == {"bbox_AP": pytest.approx(1.0), "segm_AP": pytest.approx(1.0)}, name
+    no_square = [r for r in gt_as_results(coco_gt) if r["category_id"] != 3]
+    lines = []
+    metrics = coco_eval.evaluate_predictions(
+        coco_gt, no_square, per_class=True, verbose=True, print_fn=lines.append
+    )
+    assert metrics["per_class"]["square"] == {"bbox_AP": 0.0, "segm_AP": 0.0}
+    assert metrics["per_class"]["circle"]["segm_AP"] == pytest.approx(1.0)
+    # The all-class AP is the mean of the per-class APs (pycocotools' own definition).
+    for t in ("bbox", "segm"):
+        mean = np.mean([aps[f"{t}_AP"] for aps in metrics["per_class"].values()])
+        assert metrics[t]["AP"] == pytest.approx(mean, abs=1e-12)
+    table = lines[-1].splitlines()
+    assert table[0].split() == ["category", "bbox_AP", "segm_AP"]
+    assert table[3].split() == ["square", "0.000", "0.000"]
+
+
+def test_per_class_ap_without_ground_truth_is_minus_one(coco_gt):
+    """A category with no ground truth on the evaluated images: -1, as pycocotools' ranges."""
+    only_3 = [r for r in gt_as_results(coco_gt) if r["image_id"] == 3]
+    cats_on_3 = {a["category_id"] for a in coco_gt.imgToAnns[3]}
+    assert len(cats_on_3) < len(coco_gt.getCatIds())  # the fixture leaves a class out
+    metrics = coco_eval.evaluate_predictions(
+        coco_gt, only_3, iou_types=("bbox",), image_ids=[3], per_class=True
+    )
+    names = coco_eval.category_names(coco_gt)
+    for cid, name in names.items():
+        expected = pytest.approx(1.0) if cid in cats_on_3 else -1.0
+        assert metrics["per_class"][name]["bbox_AP"] == expected, (name, metrics)

@@ -35,7 +35,7 @@ def test_evaluate_cli_skips_corrupt_images(tmp_path, capsys, fake_inference):
     assert "shapes_2.png" in skipped[0] and "shapes_3.png: no such file" in skipped[1]
     assert "IoU metric: bbox" in captured.out and "IoU metric: segm" in captured.out
     metrics = json.loads(Path(out).read_text())
-    assert set(metrics) == {"bbox", "segm", "images", "skipped"}
+    assert set(metrics) == {"bbox", "segm", "per_class", "images", "skipped"}
     assert metrics["images"] == 2 and metrics["skipped"] == 2
     assert list(metrics["segm"]) == list(coco_eval.STAT_NAMES)
     # The two images read are evaluated alone: their ground truth is all found.
