@@ -35,19 +35,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "maskrcnn_jax")
 # Modules that declare config fields (defaults, validation) rather than use them.
 DECLARING = {os.path.join("data", "config.py"), os.path.join("modeling", "config.py")}
+EXPERIMENTS_DIR = os.path.dirname(experiments.__file__)
+
+
+def _is_config(name: str) -> bool:
+    """A config module defines ``get_config``; benchmarks and scripts do not."""
+    with open(os.path.join(EXPERIMENTS_DIR, name + ".py")) as f:
+        return "\ndef get_config(" in f.read()
+
+
 CONFIG_NAMES = sorted(
     m.name
     for m in pkgutil.iter_modules(experiments.__path__)
-    if m.name != "base" and not m.name.startswith("bench_")
+    if m.name != "base" and _is_config(m.name)
 )
 
 
 def test_experiments_are_a_package_of_configs():
     assert CONFIG_NAMES == ["coco_r50_fpn_1x", "coco_r50_fpn_lsj", "shapes", "tiny"]
-    for name in os.listdir(os.path.dirname(experiments.__file__)):
-        if name.endswith(".py"):
-            with open(os.path.join(os.path.dirname(experiments.__file__), name)) as f:
-                assert "sys.path" not in f.read(), f"{name} edits sys.path"
+    # Configs import experiments.base by name. (Scripts such as device_check.py,
+    # run by path on a machine without the package installed, may set sys.path.)
+    for name in ["base", *CONFIG_NAMES]:
+        with open(os.path.join(EXPERIMENTS_DIR, name + ".py")) as f:
+            assert "sys.path" not in f.read(), f"{name}.py edits sys.path"
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
