@@ -16,6 +16,8 @@ so that the test files share one copy:
 """
 
 import os
+import shutil
+import tempfile
 
 import ml_collections
 import pytest
@@ -24,6 +26,21 @@ import pytest
 # maskrcnn_jax imports below are inside the functions.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session, in a fresh temporary
+# folder (so no run reads another's): several tests build the same step or
+# model in new jit objects or in subprocesses (resume, CLIs, multi-process),
+# and each of those would otherwise compile it again. Subprocesses inherit it
+# through the environment. Only compilations of a second or more are stored.
+_OWN_JIT_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_JIT_CACHE = tempfile.mkdtemp(prefix="maskrcnn_jax_test_jit_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_JIT_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_JIT_CACHE:
+        shutil.rmtree(_OWN_JIT_CACHE, ignore_errors=True)
 
 
 def make_tiny_model_config(**overrides) -> ml_collections.ConfigDict:
