@@ -196,8 +196,8 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
     n = SHAPES_INSTANCES
     pad = lambda a: np.concatenate([a, np.zeros((m - n, *a.shape[1:]), a.dtype)])
     crops = [
-        np.asarray(ops.roi_align(mk[..., None].astype(np.float32)[None], b[None], crop, 1.0, 2,
-                                 aligned=True))[0, ..., 0]
+        np.asarray(ops.roi_align(mk[..., None].astype(np.float32), b[:, None], crop, 1.0, 2,
+                                 aligned=True))[:, 0, ..., 0]
         for mk, b in zip(masks, boxes)
     ]
     batch = {
@@ -211,7 +211,9 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
     }
     variables = init_model(config.model, jax.random.key(0), (SHAPES_HW, SHAPES_HW))
     optimizer = optim.make_optimizer(config, variables["params"])
-    state = train.create_train_state(variables, optimizer, jax.random.key(0))
+    # Jitted as in train.py: distinct buffers for the donated state's zero counters.
+    init_state = lambda v, k: train.create_train_state(v, optimizer, k)
+    state = jax.jit(init_state)(variables, jax.random.key(0))
     step = jax.jit(
         train.make_train_step(MaskRCNN(config.model), config, optimizer),
         donate_argnums=(0,),
