@@ -19,13 +19,71 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed() -> None:
-    """Calls ``jax.distributed.initialize()`` where the platform provides it.
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int | None = None,
+) -> None:
+    """Joins a multi-process JAX run: explicitly, or where the platform provides it.
 
-    Cloud TPU VMs of a pod slice and SLURM / Open MPI launches configure
-    themselves; on a single machine nothing happens. Set
-    ``MASKRCNN_JAX_DISTRIBUTED=0`` to skip it, ``=1`` to force it.
+    With ``coordinator_address`` (``HOST:PORT`` of process 0; the CLI's
+    ``--coordinator_address``), ``num_processes`` and ``process_id`` the
+    processes meet there (a GPU cluster, or several CPU processes on one
+    machine for tests). Without them, Cloud TPU VMs of a pod slice and SLURM /
+    Open MPI launches configure themselves, and on a single machine nothing
+    happens; ``MASKRCNN_JAX_DISTRIBUTED=0`` skips that auto-detection, ``=1``
+    forces it. A second call, once initialised, does nothing.
+
+    Cross-process collectives of the CPU backend use gloo (the setting is
+    read by the CPU backend only). ``timeout_s`` bounds joining (an
+    unreachable coordinator), the heartbeat after which a silent process is
+    declared dead (so the others exit instead of waiting forever) and the
+    shutdown barrier; JAX's defaults (300 s / 100 s / 300 s) apply otherwise.
+
+    Raises:
+      ValueError: one line naming the flag and value: a ``process_id`` outside
+        ``0..num_processes-1``, missing companions of ``coordinator_address``,
+        or a coordinator that could not be joined within the timeout.
     """
+    if jax.distributed.is_initialized():
+        return
+    timeouts = {}
+    if timeout_s is not None:
+        if timeout_s < 1:
+            raise ValueError(f"--distributed_timeout={timeout_s} must be at least 1 second")
+        timeouts = dict(
+            initialization_timeout=int(timeout_s),
+            heartbeat_timeout_seconds=int(timeout_s),
+            shutdown_timeout_seconds=int(timeout_s),
+        )
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError(
+                f"--coordinator_address={coordinator_address} needs --num_processes and "
+                "--process_id too"
+            )
+        if num_processes < 1:
+            raise ValueError(f"--num_processes={num_processes} must be at least 1")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} is not in 0..{num_processes - 1} "
+                f"(--num_processes={num_processes})"
+            )
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        try:
+            jax.distributed.initialize(
+                coordinator_address, num_processes, process_id, **timeouts
+            )
+        except Exception as e:  # jaxlib raises XlaRuntimeError & co. with long texts
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(
+                f"--coordinator_address={coordinator_address}: process {process_id} could not "
+                f"join within {timeout_s or 300} s ({type(e).__name__}: {first[:200]})"
+            ) from e
+        return
+    if num_processes is not None or process_id is not None:
+        raise ValueError("--num_processes / --process_id need --coordinator_address")
     flag = os.environ.get("MASKRCNN_JAX_DISTRIBUTED", "auto")
     if flag == "0":
         return
@@ -34,7 +92,16 @@ def maybe_initialize_distributed() -> None:
         k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
     )
     if flag == "1" or tpu_pod or launcher:
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**timeouts)
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process gets here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

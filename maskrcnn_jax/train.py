@@ -218,6 +218,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.train.get("num_devices") or None)
     sharding.check_batch_size(config.train.batch_size, mesh)
+    if jax.process_count() > 1:  # One process prepares the shared data; the others wait.
+        if is_main:
+            data.prepare_dataset(_data_config(config, workdir))
+        sharding.sync_processes("data prepared")
     model_config = _model_config_with_categories(config, workdir)
     model = MaskRCNN(config.model)
     image_size = tuple(config.dataset.image_size)
@@ -303,14 +307,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     save(step)
                 if preemption.requested:
                     break
-                if config.eval_every and step % config.eval_every == 0 and step != total:
+                # Evaluation runs on process 0 alone, with the replicated parameters: the
+                # same AP as a one-process run; the others wait at the next step.
+                evaluate_now = config.eval_every and step % config.eval_every == 0
+                if evaluate_now and step != total and is_main:
                     last.update(_evaluate(config, state, model_config, writer, step, workdir))
             manager.wait_until_finished()
         if preemption.requested:
             log.warning("stopped at step %d after SIGTERM; rerun to resume", step)
             return last
         progress.close()
-        if config.eval_at_end:
+        if config.eval_at_end and is_main:
             pictures = config.num_pictures
             last.update(_evaluate(config, state, model_config, writer, total, workdir, pictures))
         return last
@@ -339,6 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         "config", None, "Experiment config file.", flag_values=flag_values, lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "HOST:PORT of process 0, for a multi-process run started by hand (one process per "
+        "host); without it TPU pods, SLURM and Open MPI are detected automatically.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "process_id", None, "This process, 0..num_processes-1.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "distributed_timeout", None,
+        "Seconds to join the coordinator, and after which a silent process is declared dead "
+        "so that the others exit (JAX's defaults: 300 and 100).",
+        flag_values=flag_values,
+    )
     argv = list(sys.argv if argv is None else argv)
     try:
         flag_values(argv)
@@ -351,11 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        sharding.maybe_initialize_distributed(
+            flag_values.coordinator_address,
+            flag_values.num_processes,
+            flag_values.process_id,
+            flag_values.distributed_timeout,
+        )
         final = train_and_evaluate(flag_values.config, flag_values.workdir)
     except (TrainingError, ValueError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
     return 0
 
 
