@@ -6,6 +6,10 @@ Run::
     python -m maskrcnn_jax.train --config experiments/coco_r50_fpn_1x.py --workdir runs/coco \\
         --config.dataset.train_annotations=... --config.train.steps=1000
 
+Several processes (one per host of a GPU cluster, or several CPU processes on
+one machine) add ``--coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I [--distributed_timeout=S]`` (README, "A GPU cluster").
+
 Running the same command again resumes from the latest checkpoint in
 ``WORKDIR/checkpoints`` (step, parameters, optimiser state, RNG and the input
 iterator position), so a resumed run reproduces the uninterrupted one.
