@@ -138,7 +138,12 @@ def load_model(path: str) -> tuple[Any, ml_collections.ConfigDict]:
         restored = checkpointer.restore(
             step_dir,
             args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()
+                # A checkpoint of a multi-process run names devices of other processes:
+                # those arrays come to this process's first device instead.
+                model=ocp.args.StandardRestore(
+                    fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                ),
+                model_config=ocp.args.JsonRestore(),
             ),
         )
     except Exception as e:  # orbax raises many kinds; name the path once

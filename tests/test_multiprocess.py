@@ -161,7 +161,10 @@ def test_two_processes_match_one_process(runs):
     for k in p1:
         np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # Each process wrote its own iterator state; only process 0 wrote metrics.
-    states = sorted(os.listdir(os.path.join(two, "checkpoints", "3", "data_state")))
+    states = sorted(
+        f for f in os.listdir(os.path.join(two, "checkpoints", "3", "data_state"))
+        if f.endswith(".json")
+    )
     assert states == ["process_0-of-2.json", "process_1-of-2.json"]
     with open(os.path.join(two, "checkpoints", "3", "data_state", states[0])) as f0:
         with open(os.path.join(two, "checkpoints", "3", "data_state", states[1])) as f1:
@@ -215,3 +218,37 @@ def test_a_dying_process_does_not_hang_the_other(runs):
         print(f"process 0 exited with {code} {waited:.0f} s after process 1 was killed")
     finally:
         _kill(procs)
+
+
+def _cli(*flags: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m maskrcnn_jax.train`` on experiments/tiny.py with ``flags``, bounded."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    cmd = [
+        sys.executable, "-m", "maskrcnn_jax.train",
+        "--config", os.path.join(ROOT, "experiments", "tiny.py"), *flags,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_process_id_out_of_range_is_one_line(tmp_path):
+    port = _free_port()
+    r = _cli(
+        f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", "--process_id=2", timeout=300,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == "error: --process_id=2 is not in 0..1 (--num_processes=2)", r.stderr
+
+
+def test_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
+    """Process 1 waits for a coordinator nobody opened: an error after --distributed_timeout."""
+    port = _free_port()  # Closed again: nothing listens there.
+    r = _cli(
+        f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2", "--process_id=1", "--distributed_timeout=5", timeout=300,
+    )
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --coordinator_address=127.0.0.1:{port}: process 1 could not "
+                           "join within 5 s"), r.stderr
