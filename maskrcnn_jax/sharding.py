@@ -96,6 +96,19 @@ def maybe_initialize_distributed(
         jax.distributed.initialize(**timeouts)
 
 
+def wait_for_processes(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process gets here, through the coordination service (no collective).
+
+    Used before the first cross-process collective: gloo gives a peer only 30 s to
+    join a new communicator, less than the spread of compile times between processes
+    on a loaded machine. A dead process is still detected by the heartbeat.
+    """
+    if jax.process_count() > 1:
+        from jax._src import distributed  # No public barrier without a collective.
+
+        distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def sync_processes(name: str) -> None:
     """Waits until every process gets here (no-op with one process)."""
     if jax.process_count() > 1:

@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_count() > 1:  # One process prepares the shared data; the others wait.
         if is_main:
             data.prepare_dataset(_data_config(config, workdir))
-        sharding.sync_processes("data prepared")
+        sharding.wait_for_processes("data prepared")
     model_config = _model_config_with_categories(config, workdir)
     model = MaskRCNN(config.model)
     image_size = tuple(config.dataset.image_size)
@@ -283,10 +283,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             )
             t_log, n_log = time.perf_counter(), 0
+            compiled_step = None
             while step < total:
                 local = next(train_iter)
                 batch = sharding.global_batch({k: local[k] for k in TRAIN_KEYS}, mesh)
-                state, metrics = step_fn(state, batch)
+                if compiled_step is None:  # All processes compiled before the first collective.
+                    compiled_step = step_fn.lower(state, batch).compile()
+                    sharding.wait_for_processes("train step compiled")
+                state, metrics = compiled_step(state, batch)
                 step += 1
                 n_log += 1
                 progress.update(1)
