@@ -109,14 +109,6 @@ def wait_for_processes(name: str, timeout_s: int = 1800) -> None:
         distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
 
 
-def sync_processes(name: str) -> None:
-    """Waits until every process gets here (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
     devices = jax.devices()
