@@ -71,6 +71,8 @@ def maybe_initialize_distributed(
                 f"(--num_processes={num_processes})"
             )
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if process_id != 0:  # jaxlib aborts the process on a join timeout: check first.
+            _wait_for_coordinator(coordinator_address, timeout_s or 300)
         try:
             jax.distributed.initialize(
                 coordinator_address, num_processes, process_id, **timeouts
@@ -94,6 +96,26 @@ def maybe_initialize_distributed(
     if flag == "1" or tpu_pod or launcher:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(**timeouts)
+
+
+def _wait_for_coordinator(address: str, timeout_s: int) -> None:
+    """Polls ``HOST:PORT`` until it accepts a TCP connection; one-line ValueError after the timeout."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"--coordinator_address={address}: no coordinator reachable within "
+                    f"--distributed_timeout={timeout_s} s"
+                ) from None
+            time.sleep(0.5)
 
 
 def wait_for_processes(name: str, timeout_s: int = 1800) -> None:
