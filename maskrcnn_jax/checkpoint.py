@@ -7,7 +7,14 @@ each step holds the items
 - ``model_config``: the model's ``ConfigDict`` as JSON, so that nothing else is
   needed to rebuild the network,
 - and, for checkpoints written by training, ``train_state`` (optimiser state,
-  step, RNG, counters) and ``data_state`` (the input iterator position).
+  step, RNG, counters) and ``data_state``: the input iterator position of
+  *each* process, one file per process (``process_{i}-of-{n}.json``, grain's
+  orbax handler), since every process reads its own rows of the batch.
+
+In a multi-process run every process calls save and restore (orbax's
+multi-host path: arrays are written once, by the processes that hold them,
+into one shared directory); the step directory must be on storage all
+processes see.
 
 A path given by a user may be a step directory, a manager directory (its
 latest step is used) or a training work dir (its ``checkpoints/``).
@@ -24,6 +31,7 @@ import logging
 import os
 from typing import Any
 
+import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -130,7 +138,12 @@ def load_model(path: str) -> tuple[Any, ml_collections.ConfigDict]:
         restored = checkpointer.restore(
             step_dir,
             args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(), model_config=ocp.args.JsonRestore()
+                # A checkpoint of a multi-process run names devices of other processes:
+                # those arrays come to this process's first device instead.
+                model=ocp.args.StandardRestore(
+                    fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                ),
+                model_config=ocp.args.JsonRestore(),
             ),
         )
     except Exception as e:  # orbax raises many kinds; name the path once
@@ -216,7 +229,8 @@ def save_train_state(
       model_config: the model config recorded with the variables (with the
         dataset's ``class_names`` / ``category_ids``), so that the checkpoint
         is usable by ``Predictor.from_checkpoint``.
-      data_state: the input iterator's ``get_state()``.
+      data_state: this process's input iterator ``get_state()``; each process
+        writes its own file.
     """
     items = _train_state_items(state)
     manager.save(
@@ -225,7 +239,7 @@ def save_train_state(
             model=ocp.args.StandardSave(items["model"]),
             model_config=ocp.args.JsonSave(config_to_dict(model_config)),
             train_state=ocp.args.StandardSave(items["train_state"]),
-            data_state=ocp.args.JsonSave({"state": data_state.decode("utf-8")}),
+            data_state=grain.PyGrainCheckpointSave(_IteratorState(data_state)),
         ),
         force=True,
     )
@@ -242,19 +256,30 @@ def restore_train_state(
       state_sharding: a ``TrainState`` of shardings, one per leaf.
 
     Returns:
-      (the state, the input iterator state for its ``set_state``).
+      (the state, this process's input iterator state for its ``set_state``).
+
+    Raises:
+      CheckpointError: the step holds no iterator state for this process (it
+        was written with another process count).
     """
     abstract = jax.eval_shape(_train_state_items, abstract_state)
     shardings = _train_state_items(state_sharding, key_data=lambda s: s)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    i, n = jax.process_index(), jax.process_count()
+    own = os.path.join(str(manager.directory), str(step), "data_state", f"process_{i}-of-{n}.json")
+    if not os.path.exists(own):
+        raise CheckpointError(
+            f"{own}: no input iterator state for process {i} of {n} (the checkpoint was "
+            "written by another number of processes)"
+        )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             model=ocp.args.StandardRestore(target["model"]),
             train_state=ocp.args.StandardRestore(target["train_state"]),
-            data_state=ocp.args.JsonRestore(),
+            data_state=grain.PyGrainCheckpointRestore(_IteratorState()),
         ),
     )
     t, v = restored["train_state"], restored["model"]
@@ -267,4 +292,20 @@ def restore_train_state(
         bad_steps=t["bad_steps"],
         skipped_steps=t["skipped_steps"],
     )
-    return state, restored["data_state"]["state"].encode("utf-8")
+    return state, restored["data_state"].state
+
+
+class _IteratorState:
+    """An iterator state (bytes) in the shape grain's orbax handler saves and restores."""
+
+    def __init__(self, state: bytes = b""):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:  # called by the handler after set_state
+        pass

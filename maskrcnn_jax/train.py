@@ -6,6 +6,10 @@ Run::
     python -m maskrcnn_jax.train --config experiments/coco_r50_fpn_1x.py --workdir runs/coco \\
         --config.dataset.train_annotations=... --config.train.steps=1000
 
+Several processes (one per host of a GPU cluster, or several CPU processes on
+one machine) add ``--coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I [--distributed_timeout=S]`` (README, "A GPU cluster").
+
 Running the same command again resumes from the latest checkpoint in
 ``WORKDIR/checkpoints`` (step, parameters, optimiser state, RNG and the input
 iterator position), so a resumed run reproduces the uninterrupted one.
@@ -223,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    if jax.process_count() > 1:  # One process prepares the shared data; the others wait.
+        if is_main:
+            data.prepare_dataset(_data_config(config, workdir))
+        sharding.wait_for_processes("data prepared")
     model_config = _model_config_with_categories(config, workdir)
     schedule = optim.effective_schedule(config.train)
     log.info(schedule.describe(data.train_epoch_size(_data_config(config, workdir))))
@@ -282,10 +290,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             )
             t_log, n_log = time.perf_counter(), 0
+            compiled_step = None
             while step < total:
                 local = next(train_iter)
                 batch = sharding.global_batch({k: local[k] for k in TRAIN_KEYS}, mesh)
-                state, metrics = step_fn(state, batch)
+                if compiled_step is None:  # All processes compiled before the first collective.
+                    compiled_step = step_fn.lower(state, batch).compile()
+                    sharding.wait_for_processes("train step compiled")
+                state, metrics = compiled_step(state, batch)
                 step += 1
                 n_log += 1
                 progress.update(1)
@@ -310,14 +322,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     save(step)
                 if preemption.requested:
                     break
-                if config.eval_every and step % config.eval_every == 0 and step != total:
+                # Evaluation runs on process 0 alone, with the replicated parameters: the
+                # same AP as a one-process run; the others wait at the next step.
+                evaluate_now = config.eval_every and step % config.eval_every == 0
+                if evaluate_now and step != total and is_main:
                     last.update(_evaluate(config, state, model_config, writer, step, workdir))
             manager.wait_until_finished()
         if preemption.requested:
             log.warning("stopped at step %d after SIGTERM; rerun to resume", step)
             return last
         progress.close()
-        if config.eval_at_end:
+        if config.eval_at_end and is_main:
             pictures = config.num_pictures
             last.update(_evaluate(config, state, model_config, writer, total, workdir, pictures))
         return last
@@ -346,6 +361,22 @@ def main(argv: list[str] | None = None) -> int:
         "config", None, "Experiment config file.", flag_values=flag_values, lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "HOST:PORT of process 0, for a multi-process run started by hand (one process per "
+        "host); without it TPU pods, SLURM and Open MPI are detected automatically.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer("num_processes", None, "Number of processes.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "process_id", None, "This process, 0..num_processes-1.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "distributed_timeout", None,
+        "Seconds to join the coordinator, and after which a silent process is declared dead "
+        "so that the others exit (JAX's defaults: 300 and 100).",
+        flag_values=flag_values,
+    )
     argv = list(sys.argv if argv is None else argv)
     try:
         flag_values(argv)
@@ -358,11 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        sharding.maybe_initialize_distributed(
+            flag_values.coordinator_address,
+            flag_values.num_processes,
+            flag_values.process_id,
+            flag_values.distributed_timeout,
+        )
         final = train_and_evaluate(flag_values.config, flag_values.workdir)
     except (TrainingError, ValueError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=1))
     return 0
 
 

@@ -284,21 +284,30 @@ def test_iterator_state_restore_reproduces_next_batches(coco, workers):
             np.testing.assert_array_equal(u[k], v[k])
 
 
-def test_train_iterator_shards_across_processes(coco):
-    """Each process reads a disjoint share: 5 records over 2 processes, 2 each (one dropped)."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_iterator_global_batch_independent_of_process_count(coco, workers):
+    """2 processes x 1 row, concatenated in process order, = 1 process x 2 rows, batch by batch."""
     cfg, _ = coco
-    seen = []
+    cfg = coco_config(os.path.dirname(cfg.data_dir), cfg.train_annotations, cfg.train_images,
+                      skip_bad_annotations=True, num_workers=workers)
+    with data.make_train_iterator(cfg, seed=0, batch_size=2) as it:
+        whole = input_pipeline.take(it, 4)  # More than one epoch of the 5 records.
+    shares = []
     for p in range(2):
         with data.make_train_iterator(cfg, seed=0, process_index=p, process_count=2,
                                       batch_size=2) as it:
-            batches = input_pipeline.take(it, 2)  # One epoch of this process's share.
-        assert all(x["image"].shape[0] == 1 for x in batches)
-        ids = [int(i) for x in batches for i in x["image_id"]]
-        assert len(set(ids)) == 2
-        seen.append(set(ids))
-    assert not seen[0] & seen[1] and seen[0] | seen[1] <= {10, 20, 30, 40, 50}
+            shares.append(input_pipeline.take(it, 4))
+    for n, batch in enumerate(whole):
+        assert all(s[n]["image"].shape[0] == 1 for s in shares)
+        for k in batch:  # Same images, same augmentation, same order.
+            np.testing.assert_array_equal(
+                batch[k], np.concatenate([s[n][k] for s in shares]), err_msg=f"{k} {n}")
+    ids = [int(i) for x in whole for i in x["image_id"]]
+    assert set(ids[:4]) <= {10, 20, 30, 40, 50} and len(set(ids[:4])) == 4  # No repeat in-epoch.
     with pytest.raises(ValueError, match="multiple of process_count"):
         data.make_train_iterator(cfg, seed=0, process_count=2, batch_size=3)
+    with pytest.raises(ValueError, match="process_index 2 is not in 0..1"):
+        data.make_train_iterator(cfg, seed=0, process_index=2, process_count=2, batch_size=2)
 
 
 def test_train_iterator_with_workers_keeps_batches_full(coco):

@@ -2,14 +2,19 @@
 
 grain's DataLoader reads the array_record files through ``tfds`` data sources
 (no TensorFlow), runs ``transforms.preprocess`` in ``num_workers`` worker
-processes and batches. The stream is a function of the seed, the batch
-size, ``num_workers`` and the process count: shuffling is grain's per-epoch
-index shuffle, augmentation uses grain's per-record generator (seed + the
-record's position in the stream), and each worker batches its own share of
-the records (so changing ``num_workers`` regroups the batches). The
-iterator's ``get_state()`` / ``set_state()`` resume a stream exactly (grain's
-orbax checkpoint handler accepts the iterator too; grain refuses a state
-saved with a different worker count).
+processes and batches. The training stream is a function of the seed and the
+global batch size only: shuffling is grain's per-epoch index shuffle of the
+whole split, global batch ``n`` is positions ``n*B .. n*B+B-1`` of that
+shuffled stream, and augmentation uses grain's per-record generator (seed +
+the record's position in the global stream). Process ``p`` of ``P`` reads
+rows ``p*B/P .. (p+1)*B/P-1`` of every global batch (:class:`_GlobalBatchSampler`),
+so the processes' batches, concatenated in process order, are the same
+images in the same order whatever ``P`` and ``num_workers`` are (with
+``drop_empty_images``, a dropped record is replaced by the next one of the
+same process and worker, so that option keeps only the seed's determinism).
+The iterator's ``get_state()`` / ``set_state()`` resume a stream exactly
+(grain's orbax checkpoint handler accepts the iterator too; grain refuses a
+state saved with a different worker count or by another process).
 
 A batch holds ``BATCH_KEYS`` with the shapes and dtypes of
 ``maskrcnn_jax/batch.py`` (B = per-process batch size), e.g. ``image [B, H, W,
@@ -65,9 +70,10 @@ def make_train_iterator(
 ) -> InputIterator:
     """Infinite, per-epoch shuffled training batches of this process's shard.
 
-    Prepares the dataset if needed. Each process reads a disjoint
-    ``1/process_count`` of the train split (records beyond an even split are
-    dropped), reshuffled every epoch.
+    Prepares the dataset if needed. All processes shuffle the whole train
+    split alike (reshuffled every epoch); each reads its own rows of every
+    global batch (module docstring), so the global batch does not depend on
+    the process count.
 
     Args:
       config: dataset config (or a config with a ``dataset`` field).
@@ -87,12 +93,14 @@ def make_train_iterator(
     spec = transforms.InputSpec.from_config(c)
     source = prepared.data_source("train")
     _warn_truncation(prepared, "train", spec.max_instances)
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=int(seed),
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    sampler = _GlobalBatchSampler(
+        grain.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed)),
+        process_index=process_index,
+        process_count=process_count,
+        per_process=per_process,
+        num_workers=int(c.num_workers),
     )
     operations: list[Any] = []
     if c.drop_empty_images:
@@ -104,6 +112,62 @@ def make_train_iterator(
         )  # fmt: skip
     operations += [_TrainPreprocess(spec), grain.Batch(per_process, drop_remainder=True)]
     return _iterate(source, sampler, operations, c)
+
+
+class _GlobalBatchSampler:
+    """Hands process ``p`` its rows of each global batch of one shuffled stream.
+
+    grain's DataLoader asks the sampler for indices ``i = k * P + p`` (``k``
+    = 0, 1, ... its local record count, ``P`` = ``shard_options.shard_count``)
+    and worker ``j`` of ``w`` batches the local records ``k = j, j + w, ...``
+    in order, the workers' batches interleaving round robin. Local record
+    ``k`` is therefore row ``e`` of this process's batch ``n``
+    (``q = k // w``, ``n = (q // b) * w + k % w``, ``e = q % b``, ``b`` = the
+    per-process batch), which is position ``n * B + p * b + e`` of the
+    global stream (``B = P * b``). grain's sharding of the record *range*
+    (each process shuffling its own block) would give a different global
+    batch for every process count.
+
+    The record's metadata keeps grain's index ``i`` (its iterator state counts
+    those) and takes the key and the augmentation generator of the global
+    position.
+    """
+
+    def __init__(
+        self,
+        inner: grain.IndexSampler,
+        *,
+        process_index: int,
+        process_count: int,
+        per_process: int,
+        num_workers: int,
+    ):
+        self._inner = inner
+        self._p, self._count, self._b = process_index, process_count, per_process
+        self._w = max(num_workers, 1)
+        # Read by grain's DataLoader: it then asks for indices p, p + P, ...
+        self._shard_options = grain.ShardOptions(process_index, process_count)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __repr__(self) -> str:  # grain checks it against a restored state
+        return (
+            f"_GlobalBatchSampler({self._inner!r}, process_index={self._p}, "
+            f"process_count={self._count}, per_process={self._b}, workers={self._w})"
+        )
+
+    def global_position(self, index: int) -> int:
+        """The position in the global stream of grain's sampler index ``index``."""
+        k = (index - self._p) // self._count
+        q, j = divmod(k, self._w)
+        m, e = divmod(q, self._b)
+        n = m * self._w + j
+        return n * self._b * self._count + self._p * self._b + e
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        meta = self._inner[self.global_position(index)]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
 
 
 class InputIterator:
