@@ -7,6 +7,7 @@ by boolean masks instead of gathered.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -105,7 +106,6 @@ def mask_loss(
     bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
     per_roi = jnp.mean(bce, axis=(-2, -1))
     return _safe_div(jnp.sum(jnp.where(positive, per_roi, 0.0)), jnp.sum(positive))
-
 
 
 def softmax_mask_loss(
