@@ -11,6 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# The model config's ``mask_loss``: :func:`mask_loss` (per-class sigmoid, the default) or
+# :func:`softmax_mask_loss` (per-pixel softmax over the classes).
+MASK_LOSSES = ("sigmoid", "softmax")
+
 
 def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float) -> jnp.ndarray:
     """Element-wise smooth L1 (Huber / beta); ``beta=0`` is plain L1 (Detectron2)."""
