@@ -35,10 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "maskrcnn_jax")
 # Modules that declare config fields (defaults, validation) rather than use them.
 DECLARING = {os.path.join("data", "config.py"), os.path.join("modeling", "config.py")}
+# Modules of experiments/ that are not configs: shared fields, and scripts that run configs.
+NOT_CONFIGS = {"base", "ablations"}
 CONFIG_NAMES = sorted(
     m.name
     for m in pkgutil.iter_modules(experiments.__path__)
-    if m.name != "base" and not m.name.startswith("bench_")
+    if m.name not in NOT_CONFIGS and not m.name.startswith("bench_")
 )
 
 
