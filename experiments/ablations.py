@@ -214,7 +214,8 @@ def draw_chart(rows: Sequence[Mapping[str, Any]], path: str) -> None:
         color = colors.get(r["variant"], "#9467bd")
         ap, ap75 = 100 * r["segm_AP"], 100 * r["segm_AP75"]
         draw.rectangle((x, base_y - ap * scale, x + bar, base_y), fill=color)
-        draw.rectangle((x + bar // 3, base_y - ap75 * scale, x + 2 * bar // 3, base_y), fill="black")
+        narrow = (x + bar // 3, base_y - ap75 * scale, x + 2 * bar // 3, base_y)
+        draw.rectangle(narrow, fill="black")
         draw.text((x, base_y - ap * scale - 14), f"{ap:.1f}", fill="black")
         draw.text((x, base_y + 6), r["variant"][:9], fill="black")
         draw.text((x, base_y + 20), f"s{r['seed']}", fill="black")

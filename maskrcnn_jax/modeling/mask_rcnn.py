@@ -370,8 +370,9 @@ class MaskRCNN(nn.Module):
           dict, D = ``detections_per_img``, coordinates in padded-input pixels:
             boxes [B, D, 4] xyxy, scores [B, D], labels [B, D] int32,
             masks [B, D, 28, 28] float32 probabilities of the predicted class
-            (in the box frame; see :meth:`detection_masks`), valid [B, D] bool. Slots are sorted by
-            descending score; invalid slots hold zeros.
+            (in the box frame; see :meth:`detection_masks`), valid [B, D]
+            bool. Slots are sorted by descending score; invalid slots hold
+            zeros.
         """
         c = self.config
         image_sizes = jnp.asarray(image_sizes, jnp.int32)

@@ -7,9 +7,9 @@ sample points, taps and weights), the RoI pooling implementations
 ``roi_align_einsum``: gather-free; ``roi_pool``: RoIPool) and ``poolers``
 (level assignment, ``roi_align`` / ``multilevel_roi_align`` and the ``impl``
 registry, ``multilevel_roi_pool``, and ``multilevel_roi_pooler``, which runs
-the model config's ``roi_pooler``: align, align_v2 or pool). The import graph is acyclic: each implementation
-imports at most ``roi_geometry``, and only ``poolers`` imports the
-implementations.
+the model config's ``roi_pooler``: align, align_v2 or pool). The import
+graph is acyclic: each implementation imports at most ``roi_geometry``, and
+only ``poolers`` imports the implementations.
 """
 
 from maskrcnn_jax.ops.anchors import FPN_STRIDES, generate_anchors, num_anchors_per_level
