@@ -88,8 +88,14 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
+# Model config fields added after checkpoints were first written, with the value that
+# gives the behaviour those checkpoints were trained and converted with.
+ADDED_MODEL_FIELDS = {"roi_pooler": "align", "mask_loss": "sigmoid", "class_agnostic_mask": False}
+
+
 def config_from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(d)
+    """The model config of a checkpoint; fields it predates get :data:`ADDED_MODEL_FIELDS`."""
+    return ml_collections.ConfigDict({**ADDED_MODEL_FIELDS, **d})
 
 
 def make_manager(

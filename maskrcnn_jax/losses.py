@@ -7,8 +7,13 @@ by boolean masks instead of gathered.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
+
+# The model config's ``mask_loss``: :func:`mask_loss` (per-class sigmoid, the default) or
+# :func:`softmax_mask_loss` (per-pixel softmax over the classes).
+MASK_LOSSES = ("sigmoid", "softmax")
 
 
 def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float) -> jnp.ndarray:
@@ -105,7 +110,6 @@ def mask_loss(
     bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
     per_roi = jnp.mean(bce, axis=(-2, -1))
     return _safe_div(jnp.sum(jnp.where(positive, per_roi, 0.0)), jnp.sum(positive))
-
 
 
 def softmax_mask_loss(

@@ -523,3 +523,159 @@ def test_training_settings_are_validated():
     assert (c.rpn_batch_size_per_image, c.rpn_positive_fraction) == (256, 0.5)
     assert (c.roi_batch_size_per_image, c.roi_positive_fraction) == (512, 0.25)
     assert (c.mask_rois_per_image, c.smooth_l1_beta) == (0, 1.0 / 9)
+
+
+# ------------------------------------------ the paper's ablations: poolers and mask losses
+
+# Model config overrides of each ablation variant (experiments/ablations.py).
+VARIANTS = {
+    "align": {},
+    "align_v2": {"roi_pooler": "align_v2"},
+    "pool": {"roi_pooler": "pool"},
+    "softmax": {"mask_loss": "softmax"},
+    "class_agnostic": {"class_agnostic_mask": True},
+}
+# The losses.* function each mask setting must train with, on the model's own mask inputs.
+EXPECTED_MASK_LOSS = {
+    "sigmoid": lambda x, lab, t, pos: losses.mask_loss(x, lab, t, pos),
+    "softmax": lambda x, lab, t, pos: losses.softmax_mask_loss(x, lab, t, pos),
+    "class_agnostic": lambda x, lab, t, pos: losses.class_agnostic_mask_loss(x, t, pos),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant_step(request, tiny_train_batch):
+    """One jitted train step of each variant on the tiny batch, plus the mask loss's inputs."""
+    from maskrcnn_jax import optim, train
+
+    config, batch = tiny_train_batch
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in VARIANTS[request.param].items():
+        config.model[key] = value
+    k_init, k_train = jax.random.split(jax.random.key(0))
+    variables = train.initial_variables(config, k_init, (64, 64))
+    optimizer = optim.make_optimizer(config, variables["params"])
+    state = train.create_train_state(variables, optimizer, k_train)
+    model = MaskRCNN(config.model)
+    step = train.make_train_step(model, config, optimizer)
+
+    def run(state, batch):
+        key = jax.random.fold_in(state.rng, state.step)  # the step's own key
+        terms, inter = model.apply(
+            state.variables(), batch["image"], batch["image_size"], batch, key,
+            method=MaskRCNN.losses, mutable=["intermediates"],
+        )  # fmt: skip
+        new_state, metrics = step(state, batch)
+        return terms, inter["intermediates"], new_state.params, metrics
+
+    out = jax.device_get(jax.jit(run)(state, batch))
+    return request.param, config.model, state.params, out, _reduction_rtol(config, batch)
+
+
+def test_each_variant_trains_one_step_with_finite_losses(variant_step):
+    name, _, params, (terms, _, new_params, metrics), rtol = variant_step
+    assert bool(metrics["finite"]), name
+    for k in LOSS_TERMS:
+        assert np.isfinite(metrics[k]) and metrics[k] > 0, (name, k)
+        # The step's terms are the same function of the same inputs as the plain apply's.
+        np.testing.assert_allclose(metrics[k], terms[k], rtol=rtol[k], err_msg=f"{name} {k}")
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.any(a != b), params, new_params))
+    assert any(moved), name
+
+
+def test_each_variant_trains_with_its_mask_loss(variant_step):
+    """The model's mask term is the losses.* function of its setting on the same logits."""
+    name, model_config, _, (terms, inter, _, _), _ = variant_step
+    logits, labels, t, pos = (
+        np.asarray(inter[k][0])
+        for k in ("mask_logits", "mask_labels", "mask_targets", "mask_positive")
+    )
+    channels = 1 if model_config.class_agnostic_mask else model_config.num_classes
+    assert logits.shape[-1] == channels and logits.shape[2:4] == t.shape[2:] == (28, 28)
+    assert pos.any(), "the tiny batch must have positive mask RoIs"
+    rtol = logits[..., 0].size * 2.0**-24  # float32 means over this many terms
+    mode = "class_agnostic" if model_config.class_agnostic_mask else model_config.mask_loss
+    expected = float(EXPECTED_MASK_LOSS[mode](logits, labels, t, pos))
+    np.testing.assert_allclose(terms["mask_loss"], expected, rtol=rtol, err_msg=name)
+    if mode != "class_agnostic":  # the other per-class loss gives another value
+        other = "softmax" if mode == "sigmoid" else "sigmoid"
+        assert abs(float(EXPECTED_MASK_LOSS[other](logits, labels, t, pos)) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("setting", ["sigmoid", "softmax", "class_agnostic"])
+def test_inference_mask_channel_of_each_mask_setting(setting, tiny_model_config):
+    overrides = {"class_agnostic_mask": True} if setting == "class_agnostic" else {}
+    if setting == "softmax":
+        overrides["mask_loss"] = "softmax"
+    config = tiny_model_config(**overrides)
+    variables = init_model(config, jax.random.key(1))
+    model = MaskRCNN(config)
+    images, sizes = random_images(batch=2)
+    d = config.detections_per_img
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 30, size=(2, d, 2))
+    boxes = jnp.asarray(np.concatenate([xy, xy + rng.uniform(4, 30, size=(2, d, 2))], -1))
+    labels = jnp.asarray(rng.integers(1, config.num_classes, size=(2, d)), jnp.int32)
+    valid = jnp.asarray(np.arange(d)[None] < np.array([[3], [5]]))  # a prefix per image
+
+    def run(v):
+        feats = model.apply(v, images, sizes, method=MaskRCNN.features)
+        probs = model.apply(v, feats, boxes, labels, valid, method=MaskRCNN.detection_masks)
+        return probs, model.apply(v, feats, boxes, method=MaskRCNN.mask_head)
+
+    probs, logits = jax.device_get(jax.jit(run)(variables))  # [2, D, 28, 28], [.., K or 1]
+    if setting == "sigmoid":
+        picked = np.take_along_axis(logits, np.asarray(labels)[..., None, None, None], -1)
+        expected = jax.nn.sigmoid(picked[..., 0])
+    elif setting == "softmax":
+        soft = jax.nn.softmax(logits, axis=-1)
+        expected = np.take_along_axis(soft, np.asarray(labels)[..., None, None, None], -1)[..., 0]
+    else:
+        assert logits.shape[-1] == 1
+        expected = jax.nn.sigmoid(logits[..., 0])
+    expected = np.where(np.asarray(valid)[..., None, None], expected, 0.0)
+    # The label-only 1x1 conv sums Cin=16 products in another order: ~16 float32 roundings.
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=16 * 2.0**-24)
+    assert np.all(probs[~np.asarray(valid)] == 0) and probs[np.asarray(valid)].std() > 0
+
+
+@pytest.mark.parametrize("pooler", ["align", "align_v2", "pool"])
+def test_heads_pool_with_the_configured_pooler(pooler, tiny_model_config, monkeypatch):
+    """Both heads reach the pooler of ``roi_pooler``; align_v2 is RoIAlign with aligned=True."""
+    calls = []
+    align, pool = poolers.multilevel_roi_align, poolers.multilevel_roi_pool
+
+    def spy_align(*args, **kwargs):
+        calls.append(("align", args[5]))  # aligned
+        return align(*args, **kwargs)
+
+    def spy_pool(*args, **kwargs):
+        calls.append(("pool", None))
+        return pool(*args, **kwargs)
+
+    monkeypatch.setattr(poolers, "multilevel_roi_align", spy_align)
+    monkeypatch.setattr(poolers, "multilevel_roi_pool", spy_pool)
+    config = tiny_model_config(roi_pooler=pooler)
+    images, sizes = random_images(batch=1)
+    MaskRCNN(config).init(jax.random.key(0), images, sizes, method=MaskRCNN.initialize)
+    expected = {"align": ("align", False), "align_v2": ("align", True), "pool": ("pool", None)}
+    assert calls == [expected[pooler]] * 2  # box head, mask head
+
+
+def test_ablation_settings_are_validated():
+    c = get_model_config()
+    assert (c.roi_pooler, c.mask_loss, c.class_agnostic_mask) == ("align", "sigmoid", False)
+    for field, bad, valid in [
+        ("roi_pooler", "roi_pool", poolers.ROI_POOLERS),
+        ("mask_loss", "focal", losses.MASK_LOSSES),
+        ("class_agnostic_mask", "yes", (False, True)),
+    ]:
+        with pytest.raises((ValueError, TypeError)) as e:
+            get_model_config(**{field: bad})
+        msg = str(e.value)
+        assert "\n" not in msg and field in msg, msg
+        if e.type is ValueError:
+            assert all(repr(v) in msg for v in valid), msg
+    with pytest.raises(ValueError, match="softmax.*class_agnostic_mask") as e:
+        get_model_config(mask_loss="softmax", class_agnostic_mask=True)
+    assert "\n" not in str(e.value)

@@ -179,3 +179,71 @@ def test_a_registered_impl_gets_the_contract(monkeypatch):
     assert tuple(ops.FPN_STRIDES[:4]) == STRIDES
     np.testing.assert_array_equal(levels, ops.assign_levels(boxes))
     assert kwargs == {"flag": 1}
+
+
+# ----------------------------------------------------------------- roi_pooler
+
+
+def test_multilevel_roi_pool_is_torchvision_roi_pool_on_each_boxs_level():
+    rng = np.random.default_rng(11)
+    image = (128, 160)
+    feats = _pyramid(rng, image, 3)
+    boxes = random_boxes(rng, (2, 24), image, min_size=2, max_size=160)
+    boxes[0, :3] = [[0, 0, 0, 0], [0, 0, 112, 112], [-20, -10, 900, 900]]
+    ours = jax.jit(lambda fs, b: ops.multilevel_roi_pool(fs, b, (7, 5), STRIDES))(feats, boxes)
+    ours = np.asarray(ours)
+    mapper = LevelMapper(2, 5)
+    for i in range(2):
+        tboxes = torch.from_numpy(boxes[i])
+        levels = mapper([tboxes]).numpy()
+        for lvl, stride in enumerate(STRIDES):
+            pooled = torchvision.ops.roi_pool(
+                nhwc_to_torch(feats[lvl][i : i + 1]), [tboxes], (7, 5), 1.0 / stride
+            )
+            sel = levels == lvl
+            # A max of float32 values: exact.
+            np.testing.assert_array_equal(ours[i, sel], torch_to_nhwc(pooled)[sel])
+    assert len(set(LevelMapper(2, 5)([torch.from_numpy(boxes[0])]).tolist())) > 1
+
+
+@pytest.mark.parametrize("pooler", ["align", "align_v2", "pool"])
+def test_multilevel_roi_pooler_dispatches_each_pooler(pooler):
+    rng = np.random.default_rng(12)
+    image = (64, 96)
+    feats = [jnp.asarray(f) for f in _pyramid(rng, image, 3)]
+    boxes = jnp.asarray(random_boxes(rng, (2, 16), image, min_size=2, max_size=90))
+    ours = ops.multilevel_roi_pooler(feats, boxes, 7, STRIDES, pooler=pooler, sampling_ratio=2)
+    expected = {
+        "align": ops.multilevel_roi_align(feats, boxes, 7, STRIDES, 2, aligned=False),
+        "align_v2": ops.multilevel_roi_align(feats, boxes, 7, STRIDES, 2, aligned=True),
+        "pool": ops.multilevel_roi_pool(feats, boxes, 7, STRIDES),
+    }
+    # The same function on the same inputs: equal bit for bit.
+    np.testing.assert_array_equal(ours, expected[pooler])
+    for other, value in expected.items():
+        if other != pooler:
+            assert not np.allclose(ours, value, atol=1e-3), other
+
+
+def test_multilevel_roi_pooler_passes_impl_to_the_align_variants_only(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[7])  # aligned
+        return roi_align_levels(*args, **kwargs)
+
+    monkeypatch.setitem(poolers.ROI_ALIGN_IMPLS, "spy", spy)
+    feats = [jnp.ones((1, 64 // s, 64 // s, 2)) for s in STRIDES]
+    boxes = jnp.asarray([[[0.0, 0.0, 30.0, 20.0]]])
+    for pooler in ("align", "align_v2", "pool"):
+        ops.multilevel_roi_pooler(feats, boxes, 7, STRIDES, pooler=pooler, impl="spy")
+    assert calls == [False, True]  # "pool" never reaches an align implementation
+
+
+def test_unknown_roi_pooler_is_a_one_line_error():
+    feats = [jnp.ones((1, 64 // s, 64 // s, 2)) for s in STRIDES]
+    with pytest.raises(ValueError) as e:
+        ops.multilevel_roi_pooler(feats, jnp.zeros((1, 1, 4)), 7, STRIDES, pooler="roi_pool")
+    msg = str(e.value)
+    assert "\n" not in msg and all(repr(n) in msg for n in ops.ROI_POOLERS) and "'roi_pool'" in msg
+    assert "pool" not in poolers.roi_align_impl_names()  # RoIPool is not an align impl

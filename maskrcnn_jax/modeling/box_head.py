@@ -18,7 +18,7 @@ from maskrcnn_jax.ops import (
     batched_nms,
     clip_boxes,
     decode_boxes,
-    multilevel_roi_align,
+    multilevel_roi_pooler,
 )
 
 
@@ -32,7 +32,9 @@ class BoxHead(nn.Module):
     Attributes:
       num_classes: K, including background.
       representation_size: width of fc6 / fc7.
-      roi_size, sampling_ratio, roi_align_impl: RoIAlign settings.
+      roi_size, sampling_ratio: RoI pooling output size and RoIAlign samples.
+      roi_pooler: ``"align"``, ``"align_v2"`` or ``"pool"`` (``ops.ROI_POOLERS``).
+      roi_align_impl: implementation of the align variants (``ops.roi_align_impl_names``).
       strides: strides of the FPN levels P2..P6; RoIAlign reads P2..P5.
     """
 
@@ -41,6 +43,7 @@ class BoxHead(nn.Module):
     roi_size: int = 7
     sampling_ratio: int = 2
     roi_align_impl: str = "reference"
+    roi_pooler: str = "align"
     dtype: Any = jnp.float32
     strides: Sequence[int] = FPN_STRIDES
 
@@ -59,13 +62,13 @@ class BoxHead(nn.Module):
           box_deltas: [B, R, K, 4] float32, coded with ``ROI_BOX_WEIGHTS``.
         """
         b, r = rois.shape[:2]
-        x = multilevel_roi_align(
+        x = multilevel_roi_pooler(
             list(features[:4]),
             rois,
             self.roi_size,
             tuple(self.strides[:4]),
-            self.sampling_ratio,
-            aligned=False,
+            pooler=self.roi_pooler,
+            sampling_ratio=self.sampling_ratio,
             impl=self.roi_align_impl,
         )  # [B, R, 7, 7, C]
         x = x.reshape(b, r, -1)

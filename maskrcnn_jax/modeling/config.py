@@ -16,7 +16,8 @@ from typing import Any
 
 import ml_collections
 
-from maskrcnn_jax.ops.poolers import roi_align_impl_names
+from maskrcnn_jax.losses import MASK_LOSSES
+from maskrcnn_jax.ops.poolers import ROI_POOLERS, roi_align_impl_names
 
 NORMS = ("frozen_bn", "gn")
 HEAD_NORMS = ("none", "gn")
@@ -62,7 +63,21 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
       - ``dtype``: compute dtype (params stay float32).
       - ``roi_align_impl``: one of ``maskrcnn_jax.ops.roi_align_impl_names()``:
         ``"reference"``, ``"pallas"``, ``"einsum"`` or ``"auto"`` (see
-        ``maskrcnn_jax.ops.poolers.resolve_roi_align_impl``).
+        ``maskrcnn_jax.ops.poolers.resolve_roi_align_impl``); it chooses the
+        implementation of the align poolers only.
+      - ``roi_pooler``: how the box and mask heads pool their RoI features
+        (``maskrcnn_jax.ops.ROI_POOLERS``): ``"align"`` (torchvision's
+        RoIAlign, ``aligned=False``), ``"align_v2"`` (``aligned=True``,
+        Detectron2's ROIAlignV2) or ``"pool"`` (RoIPool, the paper's Table 2
+        ablation). Mask targets are RoIAligned whatever the pooler.
+      - ``mask_loss``: ``"sigmoid"`` (per-class masks, binary cross-entropy on
+        the ground-truth class's channel; inference takes the sigmoid of the
+        predicted class's channel) or ``"softmax"`` (a per-pixel softmax over
+        the class channels; inference takes the predicted class's softmax
+        probability).
+      - ``class_agnostic_mask``: one mask channel for every class (sigmoid;
+        not with ``mask_loss="softmax"``). Its checkpoints do not load into a
+        per-class model, nor the reverse.
 
       Training (read only by :meth:`MaskRCNN.losses`; torchvision's
       ``MaskRCNN`` constructor arguments of the same names):
@@ -119,6 +134,9 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     # Numerics / kernels.
     c.dtype = "float32"
     c.roi_align_impl = "auto"
+    c.roi_pooler = "align"
+    c.mask_loss = "sigmoid"
+    c.class_agnostic_mask = False
     # Training: sampling and losses.
     c.rpn_batch_size_per_image = 256
     c.rpn_positive_fraction = 0.5
@@ -143,10 +161,18 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         ("head_norm", c.head_norm in HEAD_NORMS, HEAD_NORMS),
         ("dtype", c.dtype in DTYPES, DTYPES),
         ("roi_align_impl", c.roi_align_impl in impls, impls),
+        ("roi_pooler", c.roi_pooler in ROI_POOLERS, ROI_POOLERS),
+        ("mask_loss", c.mask_loss in MASK_LOSSES, MASK_LOSSES),
+        ("class_agnostic_mask", isinstance(c.class_agnostic_mask, bool), (False, True)),
     )
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"model config {name}={c[name]!r}, expected one of {allowed}")
+    if c.class_agnostic_mask and c.mask_loss == "softmax":
+        raise ValueError(
+            "model config mask_loss='softmax' with class_agnostic_mask=True: a softmax over "
+            "one mask channel is constant; use mask_loss='sigmoid'"
+        )
     if not 0 <= c.freeze_at <= 5:
         raise ValueError(f"model config freeze_at={c.freeze_at}, expected 0..5")
     if c.num_classes < 2:

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from maskrcnn_jax.modeling.layers import ConvNorm, kaiming_fan_out
-from maskrcnn_jax.ops import FPN_STRIDES, multilevel_roi_align
+from maskrcnn_jax.ops import FPN_STRIDES, multilevel_roi_pooler
 
 
 class ConvTranspose2x2(nn.Module):
@@ -72,11 +72,14 @@ class MaskHead(nn.Module):
     """Mask logits of regions.
 
     Attributes:
-      num_classes: K, including background.
+      num_classes: mask channels: K, including background, or 1 for
+        class-agnostic masks.
       dim: conv width (256).
       num_convs: 3x3 convs before the upsampling (4).
       norm: ``"none"`` or ``"gn"`` after each 3x3 conv.
-      roi_size, sampling_ratio, roi_align_impl: RoIAlign settings.
+      roi_size, sampling_ratio: RoI pooling output size and RoIAlign samples.
+      roi_pooler: ``"align"``, ``"align_v2"`` or ``"pool"`` (``ops.ROI_POOLERS``).
+      roi_align_impl: implementation of the align variants (``ops.roi_align_impl_names``).
       strides: strides of the FPN levels P2..P6; RoIAlign reads P2..P5.
     """
 
@@ -87,6 +90,7 @@ class MaskHead(nn.Module):
     roi_size: int = 14
     sampling_ratio: int = 2
     roi_align_impl: str = "reference"
+    roi_pooler: str = "align"
     dtype: Any = jnp.float32
     strides: Sequence[int] = FPN_STRIDES
 
@@ -110,13 +114,13 @@ class MaskHead(nn.Module):
           when ``labels`` is given.
         """
         b, r = rois.shape[:2]
-        x = multilevel_roi_align(
+        x = multilevel_roi_pooler(
             list(features[:4]),
             rois,
             self.roi_size,
             tuple(self.strides[:4]),
-            self.sampling_ratio,
-            aligned=False,
+            pooler=self.roi_pooler,
+            sampling_ratio=self.sampling_ratio,
             impl=self.roi_align_impl,
         )  # [B, R, 14, 14, C]
         x = x.reshape(b * r, *x.shape[2:])

@@ -4,7 +4,12 @@ Data flow of :meth:`MaskRCNN.__call__` (one jit, static shapes):
 normalise -> ResNet C2..C5 -> FPN P2..P6 -> RPN logits/deltas -> proposals
 (top-n per level, decode, clip, NMS per level) -> box head -> detections
 (per-class decode, softmax, threshold, class-aware NMS) -> mask head on the
-detections -> sigmoid of the predicted class's map.
+detections -> the predicted class's mask probabilities.
+
+The config's ``roi_pooler`` (align / align_v2 / pool) sets how both heads pool
+their RoI features; ``mask_loss`` (sigmoid / softmax) and
+``class_agnostic_mask`` set the mask channels, their training loss and how
+inference turns them into probabilities (``MASK_MODES``).
 
 Training runs :meth:`MaskRCNN.losses`: the same features, RPN and proposals
 (``proposals(train=True)``, so every proposal setting, ``rpn_score_thresh``
@@ -30,7 +35,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskrcnn_jax.losses import box_head_loss, mask_loss, rpn_loss
+from maskrcnn_jax.losses import (
+    box_head_loss,
+    class_agnostic_mask_loss,
+    mask_loss,
+    rpn_loss,
+    softmax_mask_loss,
+)
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.mask_head import MaskHead
@@ -78,6 +89,23 @@ def normalize_images(
     return jnp.where(inside[..., None], x, 0.0)
 
 
+# How mask logits are scored, in training (loss) and inference (probability of a
+# detection's class): from the config's ``mask_loss`` and ``class_agnostic_mask``.
+MASK_MODES = {
+    # per-class channels; BCE on the ground-truth channel; sigmoid(logits[..., label])
+    "sigmoid": mask_loss,
+    # per-class channels; softmax cross-entropy; softmax(logits)[..., label]
+    "softmax": softmax_mask_loss,
+    # one channel; BCE on it; sigmoid(logits[..., 0])
+    "class_agnostic": lambda logits, labels, t, pos: class_agnostic_mask_loss(logits, t, pos),
+}
+
+
+def mask_mode(config: ml_collections.ConfigDict) -> str:
+    """The key of :data:`MASK_MODES` that ``config`` selects."""
+    return "class_agnostic" if config.class_agnostic_mask else config.mask_loss
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN; see the module docstring.
 
@@ -90,6 +118,7 @@ class MaskRCNN(nn.Module):
     def setup(self):
         c = self.config
         dtype = jnp.dtype(c.dtype)
+        self.mask_mode = mask_mode(c)
         self.backbone = ResNet(c.depth, c.norm, c.freeze_at, c.backbone_width, dtype)
         self.fpn = FPN(c.fpn_channels, c.head_norm, dtype)
         self.rpn_head = RPNHead(len(c.aspect_ratios), c.fpn_channels, c.head_norm, dtype)
@@ -99,17 +128,19 @@ class MaskRCNN(nn.Module):
             c.box_roi_size,
             c.sampling_ratio,
             c.roi_align_impl,
+            c.roi_pooler,
             dtype,
             strides=FPN_STRIDES,
         )
         self.roi_mask_head = MaskHead(
-            c.num_classes,
+            1 if self.mask_mode == "class_agnostic" else c.num_classes,
             c.mask_head_dim,
             4,
             c.head_norm,
             c.mask_roi_size,
             c.sampling_ratio,
             c.roi_align_impl,
+            c.roi_pooler,
             dtype,
             strides=FPN_STRIDES,
         )
@@ -178,7 +209,8 @@ class MaskRCNN(nn.Module):
           rois: [B, R, 4] xyxy padded-input pixels.
 
         Returns:
-          [B, R, 28, 28, K] float32 logits.
+          [B, R, 28, 28, K] float32 logits ([B, R, 28, 28, 1] with
+          ``class_agnostic_mask``).
         """
         return self.roi_mask_head(features, rois)
 
@@ -247,8 +279,12 @@ class MaskRCNN(nn.Module):
 
         Returns:
           float32 scalars ``rpn_objectness_loss``, ``rpn_box_loss``,
-          ``classifier_loss``, ``box_loss`` and ``mask_loss``; their sum is the
-          training loss.
+          ``classifier_loss``, ``box_loss`` and ``mask_loss`` (the loss of
+          :data:`MASK_MODES` the config selects); their sum is the training
+          loss. With ``mutable=["intermediates"]``, the mask loss's inputs are
+          also returned: ``mask_logits [B, p, 28, 28, K or 1]``,
+          ``mask_labels [B, p]``, ``mask_targets [B, p, 28, 28]`` and
+          ``mask_positive [B, p]``.
         """
         c = self.config
         images = images.astype(jnp.float32)
@@ -303,7 +339,13 @@ class MaskRCNN(nn.Module):
         mask_t = jax.vmap(lambda gm, gb, r, i: mask_targets(gm, gb, r, i, m))(
             targets["masks"], gt_boxes, mask_rois, roi_t.matched[:, :p]
         )  # [B, p, 28, 28]
-        mask = mask_loss(mask_logits, roi_t.labels[:, :p], mask_t, roi_t.positive[:, :p])
+        mask_labels, mask_positive = roi_t.labels[:, :p], roi_t.positive[:, :p]
+        # Recorded for inspection (apply(..., mutable=["intermediates"])); no-op otherwise.
+        self.sow("intermediates", "mask_logits", mask_logits)
+        self.sow("intermediates", "mask_labels", mask_labels)
+        self.sow("intermediates", "mask_targets", mask_t)
+        self.sow("intermediates", "mask_positive", mask_positive)
+        mask = MASK_MODES[self.mask_mode](mask_logits, mask_labels, mask_t, mask_positive)
         return {
             "rpn_objectness_loss": rpn_obj,
             "rpn_box_loss": rpn_box,
@@ -328,8 +370,9 @@ class MaskRCNN(nn.Module):
           dict, D = ``detections_per_img``, coordinates in padded-input pixels:
             boxes [B, D, 4] xyxy, scores [B, D], labels [B, D] int32,
             masks [B, D, 28, 28] float32 probabilities of the predicted class
-            (in the box frame), valid [B, D] bool. Slots are sorted by
-            descending score; invalid slots hold zeros.
+            (in the box frame; see :meth:`detection_masks`), valid [B, D]
+            bool. Slots are sorted by descending score; invalid slots hold
+            zeros.
         """
         c = self.config
         image_sizes = jnp.asarray(image_sizes, jnp.int32)
@@ -382,23 +425,35 @@ class MaskRCNN(nn.Module):
           boxes: [B, D, 4] detection boxes; labels: [B, D] int; valid: [B, D].
 
         Returns:
-          [B, D, 28, 28] float32 sigmoid probabilities of each slot's class,
-          zeros in invalid slots.
+          [B, D, 28, 28] float32 probabilities of each slot's class, zeros in
+          invalid slots: ``sigmoid(logits[..., label])`` (only that channel is
+          computed), ``softmax(logits, -1)[..., label]`` with
+          ``mask_loss="softmax"``, ``sigmoid(logits[..., 0])`` with
+          ``class_agnostic_mask``.
         """
         d = boxes.shape[1]
+        mode = self.mask_mode
         counts = sorted({-(-d // f) for f in (8, 4, 2, 1)})  # ceil(D / f), e.g. 13 .. 100
 
         def branch(n):
             def run(module, feats, boxes, labels):
-                logits = module.roi_mask_head(feats, boxes[:, :n], labels[:, :n])  # [B, n, M, M]
-                return jnp.pad(logits, ((0, 0), (0, d - n), (0, 0), (0, 0)))
+                boxes, labels = boxes[:, :n], labels[:, :n]
+                if mode == "softmax":
+                    logits = module.roi_mask_head(feats, boxes)  # [B, n, M, M, K]
+                    probs = jax.nn.softmax(logits, axis=-1)
+                    probs = jnp.take_along_axis(probs, labels[..., None, None, None], -1)[..., 0]
+                else:
+                    if mode == "class_agnostic":
+                        labels = jnp.zeros_like(labels)  # the one channel
+                    probs = jax.nn.sigmoid(module.roi_mask_head(feats, boxes, labels))
+                return jnp.pad(probs, ((0, 0), (0, d - n), (0, 0), (0, 0)))  # [B, D, M, M]
 
             return run
 
         needed = jnp.max(jnp.sum(valid, axis=1))
         index = jnp.searchsorted(jnp.asarray(counts), needed)  # first prefix >= needed
-        logits = nn.switch(index, [branch(n) for n in counts], self, features, boxes, labels)
-        return jnp.where(valid[..., None, None], jax.nn.sigmoid(logits), 0.0)
+        probs = nn.switch(index, [branch(n) for n in counts], self, features, boxes, labels)
+        return jnp.where(valid[..., None, None], probs, 0.0)
 
     def initialize(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> Any:
         """Touches every submodule cheaply (no NMS); used by :func:`init_model`."""

@@ -36,6 +36,7 @@ from maskrcnn_jax.ops.roi_align import roi_align_levels
 from maskrcnn_jax.ops.roi_align_einsum import roi_align_levels_einsum
 from maskrcnn_jax.ops.roi_align_pallas import roi_align_levels_pallas
 from maskrcnn_jax.ops.roi_geometry import LevelShapes, flatten_levels
+from maskrcnn_jax.ops.roi_pool import roi_pool_levels
 
 
 class RoIAlignLevels(Protocol):
@@ -78,6 +79,14 @@ AUTO_BY_BACKEND = {
 
 # Not an implementation: picks one for the default backend (resolve_roi_align_impl).
 AUTO_IMPL = "auto"
+
+
+# The model config's ``roi_pooler``: how box and mask features are pooled from the FPN.
+# "align" is torchvision's RoIAlign (aligned=False), "align_v2" Detectron2's ROIAlignV2
+# (aligned=True, half-pixel shift), "pool" RoIPool (Girshick, 2015; one implementation,
+# :func:`~maskrcnn_jax.ops.roi_pool.roi_pool_levels`). ``impl`` names choose among the
+# implementations of the two align variants only.
+ROI_POOLERS = ("align", "align_v2", "pool")
 
 
 def roi_align_impl_names() -> tuple[str, ...]:
@@ -219,3 +228,73 @@ def multilevel_roi_align(
     scales = [1.0 / s for s in strides]
     args = (flat, boxes, levels, shapes, scales, output_size, sampling_ratio, aligned)
     return fn(*args, **impl_kwargs)
+
+
+def multilevel_roi_pool(
+    features: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    output_size: int | Sequence[int],
+    strides: Sequence[int] = FPN_STRIDES[:4],
+    canonical_scale: float = 224.0,
+    canonical_level: int = 4,
+) -> jnp.ndarray:
+    """RoIPool of each box from its FPN level (the level assignment of RoIAlign).
+
+    Args:
+      features: per level [B, H_l, W_l, C], finest first (P2..P5).
+      boxes: [B, R, 4] xyxy input pixels; no gradient flows to them.
+      output_size: out_h, out_w (or one int).
+      strides: stride of each level, as :func:`multilevel_roi_align`.
+      canonical_scale, canonical_level: of :func:`assign_levels`.
+
+    Returns:
+      [B, R, out_h, out_w, C] in the dtype of the features: per box
+      ``torchvision.ops.roi_pool`` on its level with scale 1 / stride.
+    """
+    if len(features) != len(strides):
+        raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
+    min_level = round(math.log2(strides[0]))
+    max_level = round(math.log2(strides[-1]))
+    levels = assign_levels(boxes, min_level, max_level, canonical_scale, canonical_level)
+    flat, shapes = flatten_levels(features)
+    return roi_pool_levels(flat, boxes, levels, shapes, [1.0 / s for s in strides], output_size)
+
+
+def multilevel_roi_pooler(
+    features: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    output_size: int | Sequence[int],
+    strides: Sequence[int] = FPN_STRIDES[:4],
+    pooler: str = "align",
+    sampling_ratio: int = 2,
+    impl: str = "reference",
+) -> jnp.ndarray:
+    """Multi-level RoI features by the pooler named ``pooler`` (one of :data:`ROI_POOLERS`).
+
+    ``"align"``: :func:`multilevel_roi_align` with ``aligned=False``;
+    ``"align_v2"``: the same with ``aligned=True``; ``"pool"``:
+    :func:`multilevel_roi_pool` (``sampling_ratio`` and ``impl`` unused).
+
+    Args:
+      features: per level [B, H_l, W_l, C], finest first (P2..P5).
+      boxes: [B, R, 4] xyxy input pixels.
+      output_size: out_h, out_w (or one int).
+      strides: stride of each level.
+      pooler: a name of :data:`ROI_POOLERS`.
+      sampling_ratio: RoIAlign samples per bin along each axis.
+      impl: RoIAlign implementation, a name of :func:`roi_align_impl_names`.
+
+    Returns:
+      [B, R, out_h, out_w, C] in the dtype of the features.
+
+    Raises:
+      ValueError: one line listing the valid names, if ``pooler`` is not one.
+    """
+    if pooler == "pool":
+        return multilevel_roi_pool(features, boxes, output_size, strides)
+    if pooler not in ROI_POOLERS:
+        raise ValueError(f"roi_pooler must be one of {ROI_POOLERS}, got {pooler!r}")
+    aligned = pooler == "align_v2"
+    return multilevel_roi_align(
+        features, boxes, output_size, strides, sampling_ratio, aligned, impl=impl
+    )
