@@ -207,7 +207,9 @@ def test_softmax_mask_loss_ignores_unsampled_rois_and_empty_is_zero():
     keep = pos[0]
     only = np.ones((1, keep.sum()), bool)
     ref = losses.softmax_mask_loss(x[:, keep], lab[:, keep], t[:, keep], only)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6)  # same terms, same order: ulps only
+    # The same nonzero terms, but summed in arrays of different shapes, so XLA may
+    # order the float32 reduction differently: N * 6e-8 relative over N terms.
+    np.testing.assert_allclose(ours, ref, rtol=t[:, keep].size * 6e-8)
     none = np.zeros((1, n), bool)
     assert float(losses.softmax_mask_loss(x, lab, t, none)) == 0.0
     g = jax.grad(lambda v: losses.softmax_mask_loss(v, lab, t, none))(x)
