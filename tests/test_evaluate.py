@@ -63,7 +63,7 @@ def test_evaluate_flag_spellings_are_equivalent(spelling):
                                 *spelling])  # fmt: skip
     assert vars(args) == {"checkpoint": "c", "annotations": "a.json", "images": "i",
                           "output": None, "max_images": 3, "batch_size": 2,
-                          "score_threshold": 0.3, "predictions": None}  # fmt: skip
+                          "score_threshold": 0.3, "predictions": None, "exported": None}  # fmt: skip
 
 
 def test_evaluate_flag_errors_use_underscores(capsys):

@@ -68,7 +68,8 @@ def test_predict_cli_bad_checkpoint_and_class_names(tmp_path, capsys, fake_infer
 def test_predict_flag_spellings_are_equivalent(spelling):
     args = predict.parse_args(["--checkpoint", "c", *spelling, "a.png"])
     assert vars(args) == {"checkpoint": "c", "output_dir": "o", "score_threshold": 0.3,
-                          "class_names": "n.txt", "batch_size": 2, "images": ["a.png"]}  # fmt: skip
+                          "class_names": "n.txt", "batch_size": 2, "images": ["a.png"],
+                          "exported": None}  # fmt: skip
 
 
 def test_predict_help_and_errors_use_underscores(capsys):
