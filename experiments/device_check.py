@@ -64,6 +64,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import types
 from typing import Any
 
@@ -919,7 +920,9 @@ def run(sections: str, output: str, smoke: bool, budget_s: float) -> dict:
             else:
                 res = globals()[f"section_{name}"](shapes)
         except Exception as e:  # report and go on: later sections still measure
-            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                   "traceback": traceback.format_exc()[-6000:]}
+            traceback.print_exc()
         res["wall_s"] = time.monotonic() - t0
         report.add(name, res)
         print(f"\nsection {name} ({res['wall_s']:.0f} s)", flush=True)
