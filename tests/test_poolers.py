@@ -96,10 +96,11 @@ def test_registry_names_and_functions():
 
 @pytest.mark.parametrize(
     "backend, expected",
-    # GPU: the Pallas kernel only once the device check has proven it (poolers.PALLAS_PROVEN_ON_GPU).
-    [("cpu", "reference"), ("tpu", "einsum"), ("gpu", "pallas" if poolers.PALLAS_PROVEN_ON_GPU else "reference")]
+    # GPU: the Pallas kernel, which the device check has proven on a card (poolers.PALLAS_PROVEN_ON_GPU).
+    [("cpu", "reference"), ("tpu", "einsum"), ("gpu", "pallas")]
 )
 def test_auto_picks_by_backend(monkeypatch, backend, expected):
+    assert poolers.PALLAS_PROVEN_ON_GPU, "auto may pick pallas on GPU only once a card is recorded"
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert ops.resolve_roi_align_impl("auto") == expected
     assert ops.get_roi_align_levels("auto") is ops.ROI_ALIGN_IMPLS[expected]
