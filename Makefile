@@ -60,8 +60,11 @@ train: $(ACCEL_STAMP)
 	$(PY) -m maskrcnn_jax.train --config $(CONFIG) --workdir $(WORKDIR)
 	@echo "Metrics: $(WORKDIR)/metrics.jsonl   Pictures: $(WORKDIR)/pictures/"
 
+# Test files run on TEST_WORKERS processes (a file's tests stay together, so they share
+# its compiled fixtures); the suite is bound by XLA compiles, one core each.
+TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 device-wheels: | $(PY)
 	rm -rf .whl && mkdir -p .whl

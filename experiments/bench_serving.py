@@ -2,7 +2,7 @@
 
 Run (from the repository root):
   .venv/bin/python -m experiments.bench_serving [--repeats 7] [--size 240x320]
-          [--min_size 320] [--max_size 512] [--depth 50]
+          [--min_size 320] [--max_size 512]
 
 Both run the same random-weight torchvision ``maskrcnn_resnet50_fpn`` (the
 parity test's randomisation, converted) on one synthetic image, through the

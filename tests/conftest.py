@@ -25,6 +25,20 @@ import pytest
 # Before anything imports jax (JAX_PLATFORMS is read at import): the jax and
 # maskrcnn_jax imports below are inside the functions.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Cheaper CPU code generation (LLVM without its expensive passes). The tests' tiny
+# models are compile-bound: the tiny train step compiles about 2x faster and runs about
+# 1.5x slower. Float semantics do not change (XLA's CPU backend uses no fast-math at any
+# level), so no tolerance depends on it. Subprocesses inherit it; a test that sets its
+# own XLA_FLAGS keeps these (test_multiprocess.py).
+FAST_COMPILE_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+)
+_flags = os.environ["XLA_FLAGS"].split()
+_names = {f.split("=")[0] for f in _flags}
+os.environ["XLA_FLAGS"] = " ".join(
+    _flags + [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in _names]
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session, in a fresh temporary
 # folder (so no run reads another's): several tests build the same step or

@@ -46,7 +46,12 @@ def _start(workdir, data_dir, *, processes, devices, steps, log_dir, extra=()):
         os.environ,
         PYTHONPATH=ROOT,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # The session's flags (conftest.py's cheaper code generation) with this run's devices.
+        XLA_FLAGS=" ".join(
+            [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+            + [f"--xla_force_host_platform_device_count={devices}"]
+        ),
         MASKRCNN_JAX_DATA_DIR=data_dir,
         JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(data_dir), "jax_cache"),
     )
