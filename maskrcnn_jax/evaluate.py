@@ -47,20 +47,8 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from maskrcnn_jax import cli_flags, coco_eval
-
-
-def load_predictor(checkpoint: str | None, exported: str | None, batch_size: int) -> Any:
-    """``inference.Predictor`` of a checkpoint, or ``serving.ExportedPredictor`` of an artifact."""
-    if exported is not None:
-        from maskrcnn_jax.serving import ExportedPredictor
-
-        return ExportedPredictor(exported)
-    from maskrcnn_jax.inference import Predictor
-
-    return Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -101,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         coco_gt = coco_eval.load_coco(args.annotations)
         if not os.path.isdir(args.images):
             raise ValueError(f"{args.images}: no such image directory")
+        from maskrcnn_jax.serving import load_predictor  # jax only once a model is wanted
+
         predictor = load_predictor(args.checkpoint, args.exported, args.batch_size)
         category_ids = coco_eval.label_to_category_id(coco_eval.model_config_of(predictor), coco_gt)
     except (CheckpointError, ValueError, OSError) as e:

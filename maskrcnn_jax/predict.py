@@ -46,17 +46,6 @@ def _category_table(model_config: Any) -> np.ndarray | None:
         return None
 
 
-def load_predictor(checkpoint: str | None, exported: str | None, batch_size: int) -> Any:
-    """``inference.Predictor`` of a checkpoint, or ``serving.ExportedPredictor`` of an artifact."""
-    if exported is not None:
-        from maskrcnn_jax.serving import ExportedPredictor
-
-        return ExportedPredictor(exported)
-    from maskrcnn_jax.inference import Predictor
-
-    return Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli_flags.ArgumentParser(
         prog="python -m maskrcnn_jax.predict",
@@ -97,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         os.makedirs(args.output_dir, exist_ok=True)
+        from maskrcnn_jax.serving import load_predictor  # jax only once a model is wanted
+
         predictor = load_predictor(args.checkpoint, args.exported, args.batch_size)
         config = coco_eval.model_config_of(predictor)
         if args.class_names:

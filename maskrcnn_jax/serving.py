@@ -214,3 +214,16 @@ class ExportedPredictor(BucketedPredictor):
         out = exp.call(self.variables, np.asarray(images, np.float32),
                        np.asarray(image_sizes, np.int32))  # fmt: skip
         return jax.device_get(out)
+
+
+def load_predictor(checkpoint: str | None, exported: str | None, batch_size: int) -> Any:
+    """What the CLIs run: a :class:`ExportedPredictor` of the artifact ``exported``, else
+    ``inference.Predictor`` of ``checkpoint`` at ``batch_size`` (imports the model then).
+
+    Both answer ``predict(images)`` alike (``host_processing.BucketedPredictor``).
+    """
+    if exported is not None:
+        return ExportedPredictor(exported)
+    from maskrcnn_jax.inference import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, batch_size=batch_size)
