@@ -26,7 +26,6 @@ Use: ``hlo_flops(jax.jit(f).lower(*args).compile().as_text())``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
@@ -39,7 +38,9 @@ _BRANCHES = re.compile(r"\b(?:branch_computations=\{([^}]*)\}|true_computation=%
                        r"|false_computation=%([\w.\-]+))")  # fmt: skip
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 # Custom calls that would hide a convolution or a matmul from this count.
-_GEMM_OR_CONV_TARGET = re.compile(r'custom_call_target="([^"]*(?:gemm|matmul|conv)[^"]*)"', re.I)
+_GEMM_OR_CONV_TARGET = re.compile(
+    r'custom_call_target="([^"]*(?:gemm|matmul|conv)[^"]*)"', re.IGNORECASE
+)
 
 
 @dataclasses.dataclass
@@ -50,14 +51,14 @@ class FlopCount:
       conv: convolution FLOPs.
       dot: dot (matmul) FLOPs.
       unknown_trip_counts: ``while`` instructions without a known trip count
-        (their bodies counted once).
+        -> the FLOPs of one iteration (counted once).
       uncounted_custom_calls: custom-call targets that look like a matmul or
         convolution (not counted).
     """
 
     conv: int = 0
     dot: int = 0
-    unknown_trip_counts: list[str] = dataclasses.field(default_factory=list)
+    unknown_trip_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     uncounted_custom_calls: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -165,23 +166,15 @@ def hlo_flops(hlo_text: str) -> FlopCount:
                 costs = [count(n) for n in names if n]
                 best = max(costs, key=sum)
                 conv, dot = conv + best[0], dot + best[1]
-            times = 1
-            if opcode == "while":
-                trip = _TRIP_COUNT.search(rest)
-                if trip:
-                    times = int(trip.group(1))
-                else:
-                    result.unknown_trip_counts.append(inst)
-            for callee in _CALLEES.findall(rest):
-                c, d = count(callee)
+            trip = _TRIP_COUNT.search(rest) if opcode == "while" else None
+            times = int(trip.group(1)) if trip else 1
+            called = [count(callee) for callee in _CALLEES.findall(rest)]
+            for c, d in called:
                 conv, dot = conv + times * c, dot + times * d
+            if opcode == "while" and not trip:
+                result.unknown_trip_counts[inst] = sum(c + d for c, d in called)
         memo[name] = (conv, dot)
         return memo[name]
 
     result.conv, result.dot = count(entry)
     return result
-
-
-def to_json(count: FlopCount) -> str:
-    """One JSON line of a :class:`FlopCount` (for subprocess results)."""
-    return json.dumps(dataclasses.asdict(count))
