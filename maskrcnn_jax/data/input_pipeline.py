@@ -167,7 +167,7 @@ def prepare_train_data(config: ml_collections.ConfigDict) -> PreparedDataset:
     """
     c = dataset_config(config)
     prepared = prepare_dataset(c)
-    if transforms.InputSpec.from_config(c).aspect_canvases:
+    if "train" in prepared.splits and transforms.InputSpec.from_config(c).aspect_canvases:
         record_sizes(prepared, "train")
     return prepared
 
