@@ -3,6 +3,7 @@
 Run (from the repository root):
   .venv/bin/python -m experiments.bench_train [--repeats 3] [--instances 8]
   .venv/bin/python -m experiments.bench_train --recipe shapes [--width 64]
+  .venv/bin/python -m experiments.bench_train --flops [--instances 8] [--mask-rois 0]
 
 ``--recipe r50`` (default): both models start from the same random weights (torchvision's
 ``maskrcnn_resnet50_fpn`` initialisation, converted), batch 2, two 800x1067
@@ -25,6 +26,20 @@ each.
 Each side runs in its own subprocess so that its peak resident memory
 (``ru_maxrss``) is its own. Reported: compile time (ours), steady-state median
 seconds per step, their ratio, peak memory.
+
+``--flops``: convolution and matmul FLOPs per image of one R50-FPN train step
+(forward + backward; platform-independent arithmetic, nothing is timed) on
+COCO-like sources, a 480x640 landscape and a 640x480 portrait, resized at
+800/1333 (800x1067 / 1067x800), 8 instances each, batches of 2:
+
+- ours: the ``coco_r50_fpn_1x`` step (float32, ``reference`` RoIAlign),
+  compiled (never run) and counted from its HLO (``experiments/flops.py``),
+  before (one 1344x1344 canvas) and after (the aspect canvases 800x1344 /
+  1344x800, a batch of each orientation);
+- torchvision: ``maskrcnn_resnet50_fpn`` (81 classes, stem and layer1 frozen
+  as the recipe's ``freeze_at=2``) under ``torch.utils.flop_counter.
+  FlopCounterMode``, a batch of each orientation (800x1088 / 1088x800 after
+  its padding to 32), as its aspect-ratio grouping would form them.
 """
 
 from __future__ import annotations
@@ -300,6 +315,171 @@ def run_torchvision_shapes(repeats: int) -> dict:
     }
 
 
+FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like
+FLOPS_BATCH = 2
+
+
+def _scene_at(size: tuple[int, int], num_instances: int, seed: int):
+    """FLOPS_BATCH images of ``size`` (h, w) with ellipse instances, as ``_scene``."""
+    height, width = size
+    rng = np.random.default_rng(seed)
+    images, masks, boxes, labels = [], [], [], []
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(FLOPS_BATCH):
+        images.append(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
+        m, b = [], []
+        for _ in range(num_instances):
+            cy, cx = rng.uniform(60, height - 60), rng.uniform(60, width - 60)
+            ry, rx = rng.uniform(12, 55), rng.uniform(12, 55)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            ys, xs = np.nonzero(mask)
+            m.append(mask.astype(np.uint8))
+            b.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        masks.append(np.stack(m))
+        boxes.append(np.asarray(b, np.float32))
+        labels.append(rng.integers(1, 81, size=num_instances).astype(np.int64))
+    return images, masks, boxes, labels
+
+
+def _flops_config(mask_rois: int):
+    from experiments.coco_r50_fpn_1x import get_config
+
+    config = get_config()
+    config.model.dtype = "float32"
+    config.model.roi_align_impl = "reference"
+    config.model.mask_rois_per_image = mask_rois
+    config.train.batch_size = FLOPS_BATCH
+    return config
+
+
+def run_ours_flops(num_instances: int, mask_rois: int) -> dict:
+    """Conv + matmul FLOPs of our train step per canvas (compiled, not run)."""
+    import jax
+
+    from experiments.flops import hlo_flops
+    from maskrcnn_jax import batch as batch_lib
+    from maskrcnn_jax import optim, train
+    from maskrcnn_jax.data import transforms
+    from maskrcnn_jax.modeling import MaskRCNN, init_model
+
+    config = _flops_config(mask_rois)
+    ds = config.dataset
+    spec = transforms.InputSpec.from_config(ds)
+    variables = jax.eval_shape(lambda k: init_model(config.model, k), jax.random.key(0))
+    optimizer = optim.make_optimizer(config, variables["params"])
+    state = jax.eval_shape(
+        lambda v, k: train.create_train_state(v, optimizer, k), variables, jax.random.key(0)
+    )
+    step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer))
+    n = min(num_instances, int(ds.max_instances))
+    canvases = {"square": tuple(ds.image_size)}
+    canvases.update(zip(("landscape", "portrait"), (tuple(c) for c in ds.aspect_canvases)))
+    result = {}
+    for name, canvas in canvases.items():
+        b = batch_lib.zeros_batch(FLOPS_BATCH, canvas, ds.max_instances, ds.mask_size,
+                                  ds.image_dtype, keys=batch_lib.TRAIN_KEYS)  # fmt: skip
+        source = FLOPS_SOURCES["portrait" if name == "portrait" else "landscape"]
+        geom = transforms.sample_geometry(*source, spec, train=False, rng=None)
+        b["image_size"][:] = (geom.out_h, geom.out_w)
+        b["boxes"][:, :n] = [8.0, 8.0, 120.0, 100.0]
+        b["labels"][:, :n], b["valid"][:, :n] = 1, True
+        t0 = time.perf_counter()
+        count = hlo_flops(step.lower(state, b).compile().as_text())
+        result[name] = {
+            "canvas": canvas, "image": (geom.out_h, geom.out_w), "conv": count.conv,
+            "dot": count.dot, "unknown_loop_flops": sum(count.unknown_trip_counts.values()),
+            "uncounted_custom_calls": count.uncounted_custom_calls,
+            "compile_s": time.perf_counter() - t0,
+        }  # fmt: skip
+    result["mask_rois"] = mask_rois or int(
+        config.model.roi_batch_size_per_image * config.model.roi_positive_fraction
+    )
+    return result
+
+
+def run_torchvision_flops(num_instances: int) -> dict:
+    """Conv + matmul FLOPs of torchvision's train step, one batch per orientation."""
+    import torch
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=81
+    ).train()
+    for name, p in model.backbone.body.named_parameters():  # trainable_backbone_layers=3
+        if not name.startswith(("layer2", "layer3", "layer4")):
+            p.requires_grad_(False)
+    positives = []
+    sample = model.roi_heads.select_training_samples
+
+    def counting_sample(proposals, targets):
+        out = sample(proposals, targets)
+        positives.append(sum(int((lab > 0).sum()) for lab in out[2]))
+        return out
+
+    model.roi_heads.select_training_samples = counting_sample
+    batch_shape = []
+    batch_images = model.transform.batch_images
+
+    def recording_batch_images(imgs, size_divisible=32):
+        out = batch_images(imgs, size_divisible)
+        batch_shape.append(tuple(out.shape[-2:]))
+        return out
+
+    model.transform.batch_images = recording_batch_images
+    result = {}
+    for seed, (name, size) in enumerate(FLOPS_SOURCES.items()):
+        images, masks, boxes, labels = _scene_at(size, num_instances, seed)
+        timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
+        targets = [
+            {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c),
+             "masks": torch.from_numpy(m)}
+            for b, c, m in zip(boxes, labels, masks)
+        ]  # fmt: skip
+        with FlopCounterMode(display=False) as counter:
+            sum(model(timgs, targets).values()).backward()
+        model.zero_grad(set_to_none=True)
+        by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        conv = sum(v for k, v in by_op.items() if "convolution" in k)
+        result[name] = {"canvas": batch_shape[-1], "conv": conv,
+                        "dot": counter.get_total_flops() - conv, "positives": positives[-1]}
+    return result
+
+
+def _print_flops(ours: dict, tv: dict, num_instances: int) -> None:
+    per = lambda r: (r["conv"] + r["dot"]) / FLOPS_BATCH / 1e9  # GFLOP per image
+    tv_img = sum(per(tv[k]) for k in FLOPS_SOURCES) / 2
+    print(
+        f"conv + matmul FLOPs per image, train step (forward + backward), batch {FLOPS_BATCH}, "
+        f"{num_instances} instances, sources 480x640 / 640x480 at 800/1333; "
+        f"mask head RoIs per image: ours {ours['mask_rois']} (static), torchvision "
+        + " / ".join(f"{tv[k]['positives'] / FLOPS_BATCH:.0f}" for k in FLOPS_SOURCES)
+        + " (its positives)"
+    )
+    print(f"{'':44} {'conv GF':>8} {'matmul GF':>9} {'total GF':>9} {'vs tv':>6}")
+
+    def row(label, results):
+        conv = sum(r["conv"] for r in results) / len(results) / FLOPS_BATCH / 1e9
+        dot = sum(r["dot"] for r in results) / len(results) / FLOPS_BATCH / 1e9
+        print(f"{label:44} {conv:8.1f} {dot:9.1f} {conv + dot:9.1f} {(conv + dot) / tv_img:6.2f}")
+
+    for k in FLOPS_SOURCES:
+        row(f"torchvision, {k} ({'x'.join(map(str, tv[k]['canvas']))})", [tv[k]])
+    row("torchvision, mean", [tv[k] for k in FLOPS_SOURCES])
+    row("ours before: one 1344x1344 canvas", [ours["square"]])
+    for k in FLOPS_SOURCES:
+        row(f"ours after: {k} ({'x'.join(map(str, ours[k]['canvas']))})", [ours[k]])
+    row("ours after: mean", [ours[k] for k in FLOPS_SOURCES])
+    print(f"after / before (ours): {per(ours['landscape']) / per(ours['square']):.3f}")
+    loops = max(ours[k]["unknown_loop_flops"] for k in ("square", *FLOPS_SOURCES))
+    customs = [c for k in ("square", *FLOPS_SOURCES) for c in ours[k]["uncounted_custom_calls"]]
+    if loops or customs:
+        print(f"warning: loops of data-dependent length counted once ({loops / 1e9:.3f} GF per "
+              f"iteration); uncounted custom calls: {customs}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -307,8 +487,30 @@ def main() -> None:
     parser.add_argument("--mask-rois", type=int, default=0, help="model.mask_rois_per_image (0 = 128)")
     parser.add_argument("--recipe", choices=["r50", "shapes"], default="r50")
     parser.add_argument("--width", type=int, default=64, help="shapes: our backbone_width")
+    parser.add_argument("--flops", action="store_true",
+                        help="count conv + matmul FLOPs per image instead of timing")
     parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flops:
+        if args.only:
+            run = run_ours_flops if args.only == "ours" else run_torchvision_flops
+            extra = (args.mask_rois,) if args.only == "ours" else ()
+            print(json.dumps(run(args.instances, *extra)))
+            return
+        results = {}
+        for which in ("torchvision", "ours"):
+            out = subprocess.run(
+                [sys.executable, "-m", "experiments.bench_train", "--flops", "--only", which,
+                 "--instances", str(args.instances), "--mask-rois", str(args.mask_rois)],
+                capture_output=True, text=True, check=False,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )  # fmt: skip
+            if out.returncode:
+                sys.exit(f"bench_train --flops --only {which} failed:\n{out.stderr[-3000:]}")
+            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        _print_flops(results["ours"], results["torchvision"], args.instances)
+        print(json.dumps(results))
+        return
     if args.only and args.recipe == "shapes":
         if args.only == "ours":
             result = run_ours_shapes(args.repeats, args.width)

@@ -46,6 +46,7 @@ def get_config():
     )
     ds = config.dataset = get_dataset_config("coco")
     ds.image_size = (1024, 1024)
+    ds.aspect_canvases = ()  # LSJ crops every image to the one square canvas
     ds.lsj.enabled = True
     ds.lsj.min_scale = 0.1
     ds.lsj.max_scale = 2.0

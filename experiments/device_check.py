@@ -33,7 +33,7 @@ Sections, most valuable first (a always runs):
   CUDA ``roi_align`` beside them when torch with CUDA is importable (in
   float32 for both rows: under AMP its autocast runs roi_align in float32).
 - d: the R50-FPN train step in bfloat16 on synthetic COCO-like batches
-  (``experiments/coco_r50_fpn_1x.py``'s canvas and instance slots, 12
+  (``experiments/coco_r50_fpn_1x.py``'s landscape canvas and instance slots, 12
   instances with masks per image), batch 8 or the largest whose compiled
   memory fits: compile time, steady img/s, per-step device memory
   (``compiled.memory_analysis()``) for reference and pallas; torchvision's
@@ -736,7 +736,8 @@ def section_d(shapes: Shapes, deadline: float) -> dict:
     config = load_experiment_config(shapes.train_experiment)
     config.model.dtype = "bfloat16"
     ds = config.dataset
-    canvas = tuple(int(v) for v in ds.image_size)
+    # The recipe's landscape canvas (dataset.aspect_canvases), else its one canvas.
+    canvas = tuple(int(v) for v in (ds.aspect_canvases or (ds.image_size,))[0])
     image_hw = tuple(min(c, v) for c, v in zip(canvas, shapes.infer_image))
     num = min(shapes.train_instances, int(ds.max_instances))
     variables = init_variables(config.model)

@@ -7,7 +7,8 @@ names the settings involved:
 - a frozen-norm backbone with nothing to initialise it from (the frozen
   stages would stay at random values for the whole run);
 - a global batch that the devices cannot split evenly;
-- a canvas (``dataset.image_size``) that cannot hold a resized image;
+- a canvas (``dataset.image_size`` or ``dataset.aspect_canvases``) that
+  cannot hold a resized image, or whose sides are not multiples of 32;
 - settings spelled at their old place (``config.train`` -> ``config.model``);
 - invalid model settings and schedules.
 """
@@ -19,6 +20,7 @@ import ml_collections
 from maskrcnn_jax import optim
 from maskrcnn_jax.data.transforms import InputSpec
 from maskrcnn_jax.modeling.config import validate_config
+from maskrcnn_jax.modeling.mask_rcnn import INPUT_MULTIPLE
 
 # Settings that moved from config.train to config.model (the model's training forward).
 MOVED_TO_MODEL = (
@@ -55,13 +57,36 @@ def validate_recipe(config: ml_collections.ConfigDict, num_devices: int) -> None
             f"train.batch_size={batch} is not divisible by the {num_devices} devices; use a "
             f"multiple of {num_devices} (or train.num_devices to use fewer devices)"
         )
-    InputSpec.from_config(config.dataset)  # the canvas must hold max_size in both orientations
+    check_canvases(config.dataset)
     schedule = optim.effective_schedule(config.train)
     if schedule.steps < 1:
         raise ValueError(
             f"train.steps={config.train.steps} scaled by train.reference_batch_size / "
             f"train.batch_size = {schedule.scale:g} leaves no step"
         )
+
+
+def check_canvases(dataset: ml_collections.ConfigDict) -> None:
+    """Refuses a training canvas that cannot hold a resized image or that the model cannot take.
+
+    ``dataset.image_size`` (or each of ``dataset.aspect_canvases``) must hold
+    the largest resized image of its orientation (``InputSpec`` checks it), and
+    its sides must be multiples of the model's P5 stride (32).
+
+    Args:
+      dataset: the dataset config.
+
+    Raises:
+      ValueError: one line naming the canvas setting and its value.
+    """
+    spec = InputSpec.from_config(dataset)
+    field = "dataset.aspect_canvases" if spec.aspect_canvases else "dataset.image_size"
+    for canvas in spec.canvases:
+        if canvas[0] % INPUT_MULTIPLE or canvas[1] % INPUT_MULTIPLE:
+            raise ValueError(
+                f"{field} canvas {canvas}: sides must be multiples of {INPUT_MULTIPLE} (the "
+                "model's P5 stride); round them up"
+            )
 
 
 def check_initialisation(config: ml_collections.ConfigDict) -> None:

@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_main = jax.process_index() == 0
     if jax.process_count() > 1:  # One process prepares the shared data; the others wait.
         if is_main:
-            data.prepare_dataset(_data_config(config, workdir))
+            data.prepare_train_data(_data_config(config, workdir))
         sharding.wait_for_processes("data prepared")
     model_config = _model_config_with_categories(config, workdir)
     schedule = optim.effective_schedule(config.train)
@@ -290,14 +290,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             )
             t_log, n_log = time.perf_counter(), 0
-            compiled_step = None
+            # One executable per canvas (dataset.aspect_canvases: two), compiled when
+            # its first batch comes; every process gets that batch at the same step.
+            compiled_steps: dict[tuple[int, ...], Any] = {}
             while step < total:
                 local = next(train_iter)
                 batch = sharding.global_batch({k: local[k] for k in TRAIN_KEYS}, mesh)
-                if compiled_step is None:  # All processes compiled before the first collective.
-                    compiled_step = step_fn.lower(state, batch).compile()
-                    sharding.wait_for_processes("train step compiled")
-                state, metrics = compiled_step(state, batch)
+                canvas = tuple(batch["image"].shape[1:3])
+                if canvas not in compiled_steps:  # All compiled before the next collective.
+                    compiled_steps[canvas] = step_fn.lower(state, batch).compile()
+                    log.info("compiled the train step for the %dx%d canvas", *canvas)
+                    sharding.wait_for_processes(f"train step compiled {canvas[0]}x{canvas[1]}")
+                state, metrics = compiled_steps[canvas](state, batch)
                 step += 1
                 n_log += 1
                 progress.update(1)

@@ -103,6 +103,7 @@ def coco_config(root: str, ann: str, imgs: str, **overrides) -> ml_collections.C
     c.train_annotations, c.train_images = ann, imgs
     c.val_annotations, c.val_images = ann, imgs
     c.image_size = (96, 96)
+    c.aspect_canvases = ()  # One canvas (test_input_pipeline.py tests the two of the preset).
     c.scales = (64, 80)
     c.max_size = 96
     c.max_instances = 4

@@ -44,6 +44,7 @@ TINY = {
     "model.roi_batch_size_per_image": 32,
     "model.mask_rois_per_image": 8,
     "dataset.image_size": "(96, 96)",
+    "dataset.aspect_canvases": "()",  # One canvas: one compile (test_train.py compiles two).
     "dataset.scales": "(64,)",
     "dataset.max_size": 96,
     "dataset.max_instances": 8,

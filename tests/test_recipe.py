@@ -57,11 +57,38 @@ def test_batch_not_divisible_by_devices():
 def test_canvas_smaller_than_max_size():
     config = coco_r50_fpn_1x.get_config()
     config.init.backbone_checkpoint = "/some/weights"
+    assert config.dataset.aspect_canvases == ((800, 1344), (1344, 800))
+    validate_recipe(config, 1)
+    config.dataset.aspect_canvases = ()  # One canvas: dataset.image_size.
     config.dataset.image_size = (1024, 1024)
     message = _one_line_error(config)
     assert "dataset.image_size=(1024, 1024)" in message and "dataset.max_size=1333" in message
     config.dataset.lsj.enabled = True  # LSJ crops to the canvas: max_size is not used
     validate_recipe(config, 1)
+
+
+def test_aspect_canvas_that_cannot_hold_its_orientation():
+    config = coco_r50_fpn_1x.get_config()
+    config.init.backbone_checkpoint = "/some/weights"
+    config.dataset.aspect_canvases = ((800, 1344), (1312, 800))
+    message = _one_line_error(config)
+    assert "portrait canvas (1312, 800)" in message and "up to 1333x800" in message
+    assert "dataset.max_size=1333" in message
+    config.dataset.aspect_canvases = ((768, 1344), (1344, 800))  # Shorter side 800 > 768.
+    assert "landscape canvas (768, 1344)" in _one_line_error(config)
+    config.dataset.scales = (640, 672, 704, 736, 768)
+    validate_recipe(config, 1)
+
+
+def test_canvas_sides_must_be_multiples_of_the_p5_stride():
+    config = coco_r50_fpn_1x.get_config()
+    config.init.backbone_checkpoint = "/some/weights"
+    config.dataset.aspect_canvases = ((800, 1340), (1344, 800))
+    message = _one_line_error(config)
+    assert "dataset.aspect_canvases canvas (800, 1340)" in message and "multiples of 32" in message
+    config.dataset.aspect_canvases = ()
+    config.dataset.image_size = (1344, 1350)
+    assert "dataset.image_size canvas (1344, 1350)" in _one_line_error(config)
 
 
 def test_trainer_refuses_before_preparing_data(tmp_path):

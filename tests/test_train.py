@@ -186,6 +186,47 @@ def test_input_iterator_closed_when_training_fails(
     assert len(made) == 1 and made[0].closed and made[0].batches == 0
 
 
+def test_two_aspect_canvases_compile_the_step_exactly_twice(
+    tmp_path, monkeypatch, tiny_experiment_config
+):
+    """Landscape and portrait batches (64x96, 96x64): one trace and compile each, no other.
+
+    The step the loop compiles traces the real train step abstractly
+    (``jax.eval_shape``: the model, its anchors and losses at the batch's
+    canvas) but computes only the state's step counter, so that XLA compiles
+    two trivial programs instead of two train steps (a minute each on a
+    loaded 2-core machine). A compilation happens only after a trace, so the
+    traces count them.
+    """
+    from tests.test_input_pipeline import aspect_dataset_config, write_mixed_orientation_coco
+
+    ann, imgs = write_mixed_orientation_coco(str(tmp_path))
+    config = tiny_experiment_config(steps=6, batch_size=2, reference_batch_size=2, num_devices=1)
+    config.dataset = aspect_dataset_config(str(tmp_path), ann, imgs, drop_empty_images=True)
+    config.checkpoint_every = 6
+    traced, real_losses = [], []
+    real_make_train_step = train.make_train_step
+
+    def counting_make_train_step(*args, **kwargs):
+        real_step = real_make_train_step(*args, **kwargs)
+
+        def step(state, batch):  # Runs once per trace.
+            traced.append(tuple(batch["image"].shape))
+            spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+            _, metrics = jax.eval_shape(real_step, *spec)
+            real_losses.append(metrics["loss"])
+            metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+            return state.replace(step=state.step + 1), metrics
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", counting_make_train_step)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert sorted(traced) == [(2, 64, 96, 3), (2, 96, 64, 3)]
+    assert [(m.shape, m.dtype) for m in real_losses] == [((), jnp.float32)] * 2
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]  # Both canvases, 6 steps.
+
+
 @pytest.mark.parametrize("name", train.MOVED_TO_MODEL)
 def test_old_train_spellings_of_model_settings_fail(tmp_path, tiny_experiment_config, name):
     config = tiny_experiment_config()

@@ -23,6 +23,7 @@ from maskrcnn_jax.data.input_pipeline import (
     BATCH_KEYS,
     InputIterator,
     make_train_iterator,
+    prepare_train_data,
     train_epoch_size,
 )
 from maskrcnn_jax.data.shapes import SHAPES_CATEGORIES, write_shapes_coco
@@ -41,6 +42,7 @@ __all__ = [
     "get_dataset_config",
     "make_train_iterator",
     "prepare_dataset",
+    "prepare_train_data",
     "preprocess",
     "resolve_data_dir",
     "train_epoch_size",

@@ -6,8 +6,9 @@ Two presets share one set of field names:
   128x128, the default of ``make train`` on a CPU machine.
 * ``get_dataset_config("coco")``: COCO-format data (COCO 2017 or a custom
   export) at the Detectron2 / torchvision training resolution (shorter side
-  640..800, longer side at most 1333, padded to 1344x1344), training images
-  without a non-crowd instance dropped. Set the four paths.
+  640..800, longer side at most 1333, padded to a landscape 800x1344 or a
+  portrait 1344x800 canvas by orientation), training images without a
+  non-crowd instance dropped. Set the four paths.
 
 Experiments import one of these and override fields, e.g.::
 
@@ -63,6 +64,15 @@ def get_dataset_config(name: str = "shapes") -> ml_collections.ConfigDict:
     # Geometry of the network input.
     # Padded input [H, W]: every batch has this size so the step compiles once.
     c.image_size = (128, 128)
+    # Aspect-ratio canvases (training only): () = every image on image_size; or
+    # ((H, W) landscape with H <= W, (H, W) portrait with H >= W): each global
+    # batch holds images of one orientation (height <= width is landscape) on
+    # that orientation's canvas, so the train step compiles once per canvas and
+    # a 4:3 image wastes less of it on padding (as torchvision's and Detectron2's
+    # aspect-ratio grouping). Sides must be multiples of 32 (the model's P5
+    # stride). The batch order is a function of the seed (input_pipeline.py);
+    # each epoch drops fewer than train.batch_size images of each orientation.
+    c.aspect_canvases = ()
     c.scales = (128,)  # Train: shorter side drawn from these (no augmentation: the largest).
     c.max_size = 128  # Longer side cap.
     c.flip = True  # Random horizontal flip (train only).
@@ -87,7 +97,10 @@ def get_dataset_config(name: str = "shapes") -> ml_collections.ConfigDict:
     c.prefetch = 2  # Batches each worker produces ahead.
 
     if name == "coco":
-        c.image_size = (1344, 1344)
+        c.image_size = (1344, 1344)  # The single canvas when aspect_canvases is ().
+        # A resized image is at most 800 x 1333 (or 1333 x 800): 800 and 1344 are
+        # the smallest multiples of 32 that hold it.
+        c.aspect_canvases = ((800, 1344), (1344, 800))
         c.scales = (640, 672, 704, 736, 768, 800)
         c.max_size = 1333
         c.lsj.min_scale = 0.1

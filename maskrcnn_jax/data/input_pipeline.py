@@ -16,6 +16,15 @@ The iterator's ``get_state()`` / ``set_state()`` resume a stream exactly
 (grain's orbax checkpoint handler accepts the iterator too; grain refuses a
 state saved with a different worker count or by another process).
 
+With ``dataset.aspect_canvases`` the shuffled stream is replaced by
+``aspect_groups.AspectGroupedOrder``: each global batch holds images of one
+orientation, padded to that orientation's canvas, and the order is a function
+of the seed, the epoch and the records' orientations (read once,
+``record_sizes.py``), so every process feeds the same orientation at each
+step. Images without a non-crowd instance are then left out of the order
+itself (``drop_empty_images``), which keeps the global batch independent of
+the process count with that option too.
+
 A batch holds ``BATCH_KEYS`` with the shapes and dtypes of
 ``maskrcnn_jax/batch.py`` (B = per-process batch size), e.g. ``image [B, H, W,
 3] uint8`` RGB 0..255, un-normalised: the model normalises the image itself
@@ -53,11 +62,20 @@ from absl import flags
 
 from maskrcnn_jax.batch import BATCH_KEYS
 from maskrcnn_jax.data import transforms
+from maskrcnn_jax.data.aspect_groups import AspectGroupedOrder
 from maskrcnn_jax.data.datasets import PreparedDataset, dataset_config, prepare_dataset
+from maskrcnn_jax.data.record_sizes import record_sizes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "InputIterator", "make_train_iterator", "take", "train_epoch_size"]
+__all__ = [
+    "BATCH_KEYS",
+    "InputIterator",
+    "make_train_iterator",
+    "prepare_train_data",
+    "take",
+    "train_epoch_size",
+]
 
 
 def make_train_iterator(
@@ -89,29 +107,69 @@ def make_train_iterator(
     """
     c = dataset_config(config)
     per_process = _per_process_batch(batch_size, process_count)
-    prepared = prepare_dataset(c)
     spec = transforms.InputSpec.from_config(c)
+    prepared = prepare_train_data(c)
     source = prepared.data_source("train")
     _warn_truncation(prepared, "train", spec.max_instances)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    operations: list[Any] = []
+    if spec.aspect_canvases:
+        # Empty images are left out of the order itself: a filter would shift
+        # later records into a batch of the other orientation.
+        sizes = record_sizes(prepared, "train")
+        usable = np.ones(len(source), bool)
+        if c.drop_empty_images:
+            usable = sizes.num_instances > 0
+            logger.info(
+                "drop_empty_images: %d of %d train images have no non-crowd instance and are "
+                "dropped", len(source) - int(usable.sum()), len(source),
+            )  # fmt: skip
+        order = AspectGroupedOrder(
+            transforms.is_portrait(sizes.height, sizes.width), usable, batch_size, int(seed)
+        )
+        logger.info(
+            "aspect canvases %s: %d landscape and %d portrait train images, %d batches of %d "
+            "per epoch", spec.aspect_canvases, order.num_landscape, order.num_portrait,
+            order.batches_per_epoch, batch_size,
+        )  # fmt: skip
+    else:
+        order = grain.IndexSampler(
+            num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed)
+        )
+        if c.drop_empty_images:
+            operations.append(_HasInstances())
+            dropped, exact = _num_dropped(prepared, "train")
+            logger.info(
+                "drop_empty_images: %s%d of %d train images have no non-crowd instance and are "
+                "dropped", "" if exact else "at least ", dropped, len(source),
+            )  # fmt: skip
     sampler = _GlobalBatchSampler(
-        grain.IndexSampler(num_records=len(source), shuffle=True, num_epochs=None, seed=int(seed)),
+        order,
         process_index=process_index,
         process_count=process_count,
         per_process=per_process,
         num_workers=int(c.num_workers),
     )
-    operations: list[Any] = []
-    if c.drop_empty_images:
-        operations.append(_HasInstances())
-        dropped, exact = _num_dropped(prepared, "train")
-        logger.info(
-            "drop_empty_images: %s%d of %d train images have no non-crowd instance and are dropped",
-            "" if exact else "at least ", dropped, len(source),
-        )  # fmt: skip
     operations += [_TrainPreprocess(spec), grain.Batch(per_process, drop_remainder=True)]
     return _iterate(source, sampler, operations, c)
+
+
+def prepare_train_data(config: ml_collections.ConfigDict) -> PreparedDataset:
+    """Prepares the dataset and what the training order needs (a no-op once done).
+
+    With ``aspect_canvases`` the order needs every train record's size: read
+    once and cached beside the prepared files (``record_sizes.py``). In a
+    multi-process run one process calls this before the others start reading.
+
+    Args:
+      config: dataset config (or a config with a ``dataset`` field).
+    """
+    c = dataset_config(config)
+    prepared = prepare_dataset(c)
+    if "train" in prepared.splits and transforms.InputSpec.from_config(c).aspect_canvases:
+        record_sizes(prepared, "train")
+    return prepared
 
 
 class _GlobalBatchSampler:

@@ -13,8 +13,10 @@ Run::
     # shapes validation split as instances JSON + PNGs (for COCO evaluation):
     python -m maskrcnn_jax.data.prepare --export_shapes_coco /tmp/shapes_coco --split validation
 
-Preparing an already prepared dataset does nothing. Prints the category map
-and, per split, the counts and the bad items skipped.
+Preparing an already prepared dataset does nothing. For COCO-format data the
+train split's image sizes are read once more and kept beside it (the aspect-
+ratio canvases of training group images by orientation). Prints the category
+map and, per split, the counts and the bad items skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import argparse
 import logging
 
 from maskrcnn_jax.data.config import get_dataset_config
-from maskrcnn_jax.data.datasets import prepare_dataset
+from maskrcnn_jax.data.input_pipeline import prepare_train_data
 from maskrcnn_jax.data.shapes import write_shapes_coco
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         config[key] = getattr(args, key)
     if args.skip_bad_annotations is not None:
         config.skip_bad_annotations = args.skip_bad_annotations
-    prepared = prepare_dataset(config)
+    prepared = prepare_train_data(config)  # With the coco preset's canvases: the image sizes too.
     print(f"prepared: {prepared.builder.data_dir}")
     print("categories (label: id name): " + ", ".join(
         f"{k + 1}: {i} {n}" for k, (i, n) in

@@ -4,7 +4,8 @@ Pure numpy/PIL, one example at a time; the input pipeline maps it over the
 data source in grain workers. The geometry is a single map from source pixels
 to network-input pixels (:class:`Geometry`): optional horizontal flip, resize
 by ``(sx, sy)``, then a crop offset (LSJ only), with the result placed at the
-top-left of a zero-padded ``[H, W]`` canvas. Boxes go through that map;
+top-left of a zero-padded ``[H, W]`` canvas (one per orientation with
+``aspect_canvases``, :meth:`InputSpec.canvas_for`). Boxes go through that map;
 masks are never resized at full size: each kept instance's mask is sampled
 directly from the decoded source mask at the cells of its output box (see
 ``mask_crop.py``).
@@ -39,7 +40,11 @@ class InputSpec:
     """Static preprocessing options (from the dataset config).
 
     Attributes:
-      image_size: (H, W) padded network input.
+      image_size: (H, W) padded network input (the one canvas without
+        ``aspect_canvases``).
+      aspect_canvases: () or ((H, W) landscape, (H, W) portrait): train-time
+        canvases by orientation (``h <= w`` is landscape); see
+        :meth:`canvas_for`.
       scales: train shorter-side choices; without augmentation, the largest.
       max_size: longer-side cap.
       flip: random horizontal flip at train time.
@@ -52,6 +57,7 @@ class InputSpec:
     """
 
     image_size: tuple[int, int] = (128, 128)
+    aspect_canvases: tuple[tuple[int, int], ...] = ()
     scales: tuple[int, ...] = (128,)
     max_size: int = 128
     flip: bool = True
@@ -63,25 +69,71 @@ class InputSpec:
     image_dtype: str = "uint8"
 
     def __post_init__(self):
+        if not self.scales or min(self.scales) < 1 or self.max_instances < 1:
+            raise ValueError(f"bad scales / max_instances in {self}")
         h, w = self.image_size
-        if not self.lsj and self.max_size > min(h, w):
+        if not self.aspect_canvases and not self.lsj and self.max_size > min(h, w):
             raise ValueError(
                 f"dataset.max_size={self.max_size} does not fit the canvas dataset.image_size="
                 f"{self.image_size}: a resized image's longer side can be max_size in either "
                 "orientation; enlarge image_size or lower max_size"
             )
-        if not self.scales or min(self.scales) < 1 or self.max_instances < 1:
-            raise ValueError(f"bad scales / max_instances in {self}")
+        if self.aspect_canvases:
+            self._check_aspect_canvases()
         if self.image_dtype not in ("uint8", "float32"):
             raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {self.image_dtype!r}")
         if not 0 < self.lsj_min_scale <= self.lsj_max_scale:
             raise ValueError(f"need 0 < lsj_min_scale <= lsj_max_scale in {self}")
+
+    def _check_aspect_canvases(self) -> None:
+        canvases = self.aspect_canvases
+        if self.lsj:
+            raise ValueError(
+                f"dataset.aspect_canvases={canvases} with dataset.lsj.enabled: large-scale "
+                "jitter crops to the one canvas dataset.image_size; set aspect_canvases=()"
+            )
+        if len(canvases) != 2 or any(len(c) != 2 or min(c) < 1 for c in canvases):
+            raise ValueError(
+                f"dataset.aspect_canvases={canvases}: expected () or two (H, W) canvases, "
+                "landscape then portrait, e.g. ((800, 1344), (1344, 800))"
+            )
+        # The largest resized image of each orientation: short side at most the
+        # largest scale (and at most max_size), long side at most max_size.
+        short = min(max(self.scales), self.max_size)
+        for name, (h, w), need in (
+            ("landscape", canvases[0], (short, self.max_size)),
+            ("portrait", canvases[1], (self.max_size, short)),
+        ):
+            if h < need[0] or w < need[1]:
+                raise ValueError(
+                    f"dataset.aspect_canvases {name} canvas {(h, w)} cannot hold a resized "
+                    f"{name} image of up to {need[0]}x{need[1]} (dataset.scales max "
+                    f"{max(self.scales)}, dataset.max_size={self.max_size}); enlarge it"
+                )
+
+    @property
+    def canvases(self) -> tuple[tuple[int, int], ...]:
+        """Every (H, W) a train batch can have: ``aspect_canvases``, else ``(image_size,)``."""
+        return tuple(self.aspect_canvases) or (self.image_size,)
+
+    def canvas_for(self, height: int, width: int) -> tuple[int, int]:
+        """The (H, W) canvas of a source image: by orientation with ``aspect_canvases``.
+
+        ``height <= width`` (square included) is landscape, the first canvas;
+        otherwise portrait, the second. Without ``aspect_canvases``, ``image_size``.
+        """
+        if not self.aspect_canvases:
+            return self.image_size
+        return self.aspect_canvases[int(is_portrait(height, width))]
 
     @classmethod
     def from_config(cls, c: ml_collections.ConfigDict) -> InputSpec:
         """From a dataset config (``get_dataset_config()``)."""
         return cls(
             image_size=tuple(int(v) for v in c.image_size),
+            aspect_canvases=tuple(
+                tuple(int(v) for v in canvas) for canvas in (c.get("aspect_canvases") or ())
+            ),
             scales=tuple(int(v) for v in c.scales),
             max_size=int(c.max_size),
             flip=bool(c.flip),
@@ -135,13 +187,14 @@ def sample_geometry(
     ``spec.scales`` with the longer side capped at ``max_size`` (Detectron2's
     ResizeShortestEdge), or with ``spec.lsj`` a scale of ``U(lsj_min,
     lsj_max)`` times the fit-in-``image_size`` scale and a uniform random crop.
+    The canvas is ``spec.canvas_for(src_h, src_w)``.
     Eval (``train=False``, deterministic): no flip, the largest of
     ``spec.scales`` as shorter side (Detectron2's test size is its largest
     train size; with ``lsj``, the fit scale), no crop.
 
     Draw order (fixed, for determinism): flip, scale, crop y, crop x.
     """
-    H, W = spec.image_size
+    H, W = spec.canvas_for(src_h, src_w)
     flip = bool(train and spec.flip and rng.random() < 0.5)
     if spec.lsj:
         scale = min(H / src_h, W / src_w)
@@ -165,7 +218,7 @@ def transform_image(image: np.ndarray, geom: Geometry, spec: InputSpec) -> np.nd
     Args:
       image: [h, w, 3] uint8 source.
       geom: its geometry.
-      spec: for the padded size and dtype.
+      spec: for the padded size (``spec.canvas_for`` the source) and dtype.
 
     Returns:
       [H, W, 3] uint8 or float32; the image at [0:out_h, 0:out_w], zeros elsewhere.
@@ -181,7 +234,8 @@ def transform_image(image: np.ndarray, geom: Geometry, spec: InputSpec) -> np.nd
     )
     resized = np.asarray(pil.resize((geom.out_w, geom.out_h), Image.Resampling.BILINEAR,
                                     box=src_box))
-    out = np.zeros(spec.image_size + (3,), np.dtype(spec.image_dtype))
+    canvas = spec.canvas_for(geom.src_h, geom.src_w)
+    out = np.zeros(canvas + (3,), np.dtype(spec.image_dtype))
     out[: geom.out_h, : geom.out_w] = resized
     return out
 
@@ -276,7 +330,7 @@ def preprocess(
     source_masks = masks.decode_rles([obj["mask"][i] for i in order], src_h, src_w)
 
     s = spec.mask_size
-    out = empty_example(spec)
+    out = empty_example(spec, out_image.shape[:2])
     out["image"] = out_image
     out["boxes"][:n] = boxes[order]
     out["labels"][:n] = obj["label"][order]
@@ -292,10 +346,26 @@ def preprocess(
     return out
 
 
-def empty_example(spec: InputSpec) -> dict[str, np.ndarray]:
-    """An all-padding example (``valid_image`` False, ``image_id`` -1); see ``batch.py``."""
-    return batch.empty_example(spec.image_size, spec.max_instances, spec.mask_size,
+def empty_example(
+    spec: InputSpec, canvas: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
+    """An all-padding example (``valid_image`` False, ``image_id`` -1); see ``batch.py``.
+
+    Args:
+      spec: instance slots, mask size and dtype.
+      canvas: (H, W) of its image; ``spec.image_size`` if None.
+    """
+    return batch.empty_example(canvas or spec.image_size, spec.max_instances, spec.mask_size,
                                spec.image_dtype)
+
+
+def is_portrait(height: int | np.ndarray, width: int | np.ndarray) -> np.bool_ | np.ndarray:
+    """Orientation of a source image (elementwise on arrays): ``height > width``.
+
+    A square image counts as landscape, whose canvas is the first of
+    ``aspect_canvases``.
+    """
+    return np.greater(height, width)
 
 
 def _text(value: Any) -> str:

@@ -91,6 +91,10 @@ def normalize_images(
 
 # How mask logits are scored, in training (loss) and inference (probability of a
 # detection's class): from the config's ``mask_loss`` and ``class_agnostic_mask``.
+# Padded input sides must be multiples of the P5 stride (torchvision's
+# size_divisible); P6's grid is then rounded up as torchvision's is.
+INPUT_MULTIPLE = FPN_STRIDES[3]
+
 MASK_MODES = {
     # per-class channels; BCE on the ground-truth channel; sigmoid(logits[..., label])
     "sigmoid": mask_loss,
@@ -148,9 +152,10 @@ class MaskRCNN(nn.Module):
     def _check_images(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> None:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got {tuple(images.shape)}")
-        if images.shape[1] % 32 or images.shape[2] % 32:
+        if images.shape[1] % INPUT_MULTIPLE or images.shape[2] % INPUT_MULTIPLE:
             raise ValueError(
-                f"image height and width must be multiples of 32, got {images.shape[1:3]}"
+                f"image height and width must be multiples of {INPUT_MULTIPLE}, got "
+                f"{images.shape[1:3]}"
             )
         if image_sizes.shape != (images.shape[0], 2):
             raise ValueError(
