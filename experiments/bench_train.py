@@ -79,6 +79,62 @@ def _scene(num_instances: int, seed: int = 0):
     return images, masks, boxes, labels
 
 
+def _time_jax_step(step, state, batch, repeats: int, stat) -> dict:
+    """Compiles the jitted ``step`` for ``batch``, warms up once, then ``stat`` of ``repeats``."""
+    import jax
+
+    batch = jax.device_put(batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {
+        "step_s": float(stat(times)), "compile_s": compile_s, "loss": float(metrics["loss"]),
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _torch_inputs(images, masks, boxes, labels):
+    """A scene (HxWx3 uint8 images, full masks, boxes, labels) as torchvision's train inputs."""
+    import torch
+
+    timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
+    targets = [
+        {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c), "masks": torch.from_numpy(m)}
+        for b, c, m in zip(boxes, labels, masks)
+    ]
+    return timgs, targets
+
+
+def _time_torch_step(model, opt, timgs, targets, repeats: int, stat) -> dict:
+    """One warm-up SGD step of torchvision's train mode, then ``stat`` of ``repeats`` steps."""
+
+    def step():
+        loss = sum(model(timgs, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "step_s": float(stat(times)), "loss": loss,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def _torch_model():
     import torch
     import torchvision
@@ -122,22 +178,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     optimizer = make_optimizer(config, variables["params"])
     state = train.create_train_state(variables, optimizer, jax.random.key(0))
     step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
-    batch = jax.device_put(batch)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return {
-        "step_s": float(np.median(times)), "compile_s": compile_s, "loss": float(metrics["loss"]),
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return _time_jax_step(step, state, batch, repeats, np.median)
 
 
 def run_torchvision(repeats: int, num_instances: int) -> dict:
@@ -146,31 +187,7 @@ def run_torchvision(repeats: int, num_instances: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_model().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, masks, boxes, labels = _scene(num_instances)
-    timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
-    targets = [
-        {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(l), "masks": torch.from_numpy(m)}
-        for b, l, m in zip(boxes, labels, masks)
-    ]
-
-    def step():
-        losses = model(timgs, targets)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    return {
-        "step_s": float(np.median(times)), "loss": loss,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return _time_torch_step(model, opt, *_torch_inputs(*_scene(num_instances)), repeats, np.median)
 
 
 SHAPES_B, SHAPES_HW, SHAPES_INSTANCES = 8, 128, 3
@@ -233,22 +250,7 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
         train.make_train_step(MaskRCNN(config.model), config, optimizer),
         donate_argnums=(0,),
     )
-    batch = jax.device_put(batch)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return {
-        "step_s": float(np.min(times)), "compile_s": compile_s, "loss": float(metrics["loss"]),
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return _time_jax_step(step, state, batch, repeats, np.min)
 
 
 def _torch_shapes_model():
@@ -288,31 +290,7 @@ def run_torchvision_shapes(repeats: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_shapes_model().train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, masks, boxes, labels = _shapes_scene()
-    timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
-    targets = [
-        {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c), "masks": torch.from_numpy(m)}
-        for b, c, m in zip(boxes, labels, masks)
-    ]
-
-    def step():
-        losses = model(timgs, targets)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(loss)
-
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    return {
-        "step_s": float(np.min(times)), "loss": loss,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return _time_torch_step(model, opt, *_torch_inputs(*_shapes_scene()), repeats, np.min)
 
 
 FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like
@@ -431,13 +409,7 @@ def run_torchvision_flops(num_instances: int) -> dict:
     model.transform.batch_images = recording_batch_images
     result = {}
     for seed, (name, size) in enumerate(FLOPS_SOURCES.items()):
-        images, masks, boxes, labels = _scene_at(size, num_instances, seed)
-        timgs = [torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in images]
-        targets = [
-            {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(c),
-             "masks": torch.from_numpy(m)}
-            for b, c, m in zip(boxes, labels, masks)
-        ]  # fmt: skip
+        timgs, targets = _torch_inputs(*_scene_at(size, num_instances, seed))
         with FlopCounterMode(display=False) as counter:
             sum(model(timgs, targets).values()).backward()
         model.zero_grad(set_to_none=True)
