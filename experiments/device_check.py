@@ -135,6 +135,7 @@ class Shapes:
     train_batch: int
     train_instances: int
     train_steps: int
+    train_impls: tuple[str, ...]  # RoIAlign implementations whose train step d times
     infer_experiment: str
     infer_image: tuple[int, int]  # image inside the canvas
     infer_canvas: tuple[int, int]
@@ -175,6 +176,7 @@ FULL = Shapes(
     train_batch=8,
     train_instances=12,
     train_steps=5,
+    train_impls=("reference", "pallas"),
     infer_experiment="coco_r50_fpn_1x",
     infer_image=(800, 1066),
     infer_canvas=(800, 1088),
@@ -200,6 +202,9 @@ SMOKE = Shapes(
     train_batch=2,
     train_instances=8,
     train_steps=1,
+    # One: the loop over implementations is the same code, and each tiny step
+    # compiles for most of a minute on a 2-core CPU.
+    train_impls=("pallas",),
     infer_experiment="tiny",
     infer_image=(48, 64),
     infer_canvas=(64, 64),
@@ -748,7 +753,7 @@ def section_d(shapes: Shapes, deadline: float) -> dict:
 
     impls = {}
     batch_size = shapes.train_batch
-    for impl in ("reference", "pallas"):
+    for impl in shapes.train_impls:
         model_config = config.model.copy_and_resolve_references()
         model_config.roi_align_impl = impl
         step = make_train_step(MaskRCNN(model_config), config, optimizer)
