@@ -267,7 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             process_count=jax.process_count(),
             batch_size=config.train.batch_size,
         )
-        with train_iter, Preemption() as preemption, mesh:
+        # Every jit below names its NamedShardings, so no mesh context is entered (`with mesh:`
+        # is deprecated and printed a warning at every start).
+        with train_iter, Preemption() as preemption:
             latest = manager.latest_step()
             if latest is None:
                 variables = initial_variables(config, k_init, image_size)

@@ -40,8 +40,7 @@ def setup(tiny_train_batch, tiny_train_state):
             )
             compiled[num_devices] = mesh, state_sharding, fn
         mesh, state_sharding, fn = compiled[num_devices]
-        with mesh:
-            return fn(jax.device_put(state, state_sharding), sharding.global_batch(batch, mesh))
+        return fn(jax.device_put(state, state_sharding), sharding.global_batch(batch, mesh))
 
     return batch, state, run
 
