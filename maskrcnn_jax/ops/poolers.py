@@ -190,6 +190,38 @@ def assign_levels(
     return (lvl - min_level).astype(jnp.int32)
 
 
+def _levels_of(
+    features: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    strides: Sequence[int],
+    canonical_scale: float,
+    canonical_level: int,
+) -> tuple[jnp.ndarray, jnp.ndarray, list[tuple[int, int]], list[float]]:
+    """What every multi-level pooler takes: the flat levels, each box's level, the shapes
+    and the scales (1 / stride) of :func:`flatten_levels` and :func:`assign_levels`.
+
+    Args:
+      features: per level [B, H_l, W_l, C], finest first.
+      boxes: [B, R, 4] xyxy input pixels.
+      strides: stride of each level (level l is FPN level log2(strides[l])).
+      canonical_scale, canonical_level: of :func:`assign_levels`.
+
+    Returns:
+      (flat, levels [B, R] int32, shapes, scales), flat and shapes as
+      :func:`flatten_levels` returns them.
+
+    Raises:
+      ValueError: if the feature and stride counts differ.
+    """
+    if len(features) != len(strides):
+        raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
+    min_level = round(math.log2(strides[0]))
+    max_level = round(math.log2(strides[-1]))
+    levels = assign_levels(boxes, min_level, max_level, canonical_scale, canonical_level)
+    flat, shapes = flatten_levels(features)
+    return flat, levels, shapes, [1.0 / s for s in strides]
+
+
 def multilevel_roi_align(
     features: Sequence[jnp.ndarray],
     boxes: jnp.ndarray,
@@ -220,14 +252,10 @@ def multilevel_roi_align(
     Returns:
       [B, R, out_h, out_w, C] in the dtype of the features.
     """
-    if len(features) != len(strides):
-        raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
+    flat, levels, shapes, scales = _levels_of(
+        features, boxes, strides, canonical_scale, canonical_level
+    )
     fn = get_roi_align_levels(impl)
-    min_level = round(math.log2(strides[0]))
-    max_level = round(math.log2(strides[-1]))
-    levels = assign_levels(boxes, min_level, max_level, canonical_scale, canonical_level)
-    flat, shapes = flatten_levels(features)
-    scales = [1.0 / s for s in strides]
     args = (flat, boxes, levels, shapes, scales, output_size, sampling_ratio, aligned)
     return fn(*args, **impl_kwargs)
 
@@ -253,13 +281,10 @@ def multilevel_roi_pool(
       [B, R, out_h, out_w, C] in the dtype of the features: per box
       ``torchvision.ops.roi_pool`` on its level with scale 1 / stride.
     """
-    if len(features) != len(strides):
-        raise ValueError(f"{len(features)} feature levels but {len(strides)} strides")
-    min_level = round(math.log2(strides[0]))
-    max_level = round(math.log2(strides[-1]))
-    levels = assign_levels(boxes, min_level, max_level, canonical_scale, canonical_level)
-    flat, shapes = flatten_levels(features)
-    return roi_pool_levels(flat, boxes, levels, shapes, [1.0 / s for s in strides], output_size)
+    flat, levels, shapes, scales = _levels_of(
+        features, boxes, strides, canonical_scale, canonical_level
+    )
+    return roi_pool_levels(flat, boxes, levels, shapes, scales, output_size)
 
 
 def multilevel_roi_pooler(
