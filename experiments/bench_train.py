@@ -57,26 +57,36 @@ import numpy as np
 HEIGHT, WIDTH, PADDED = 800, 1067, (800, 1088)
 
 
-def _scene(num_instances: int, seed: int = 0):
-    """Two images with ellipse instances: images, full masks, boxes, labels."""
+def _ellipse_scene(
+    size: tuple[int, int], num_instances: int, seed: int, *, count: int, margin: float,
+    radii: tuple[float, float], num_classes: int,
+):  # fmt: skip
+    """``count`` random HxW uint8 images with ellipse instances whose centres keep
+    ``margin`` pixels from the border: images, full masks, boxes, labels 1..num_classes-1."""
+    height, width = size
     rng = np.random.default_rng(seed)
     images, masks, boxes, labels = [], [], [], []
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
-    for _ in range(2):
-        img = rng.integers(0, 255, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(count):
+        images.append(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
         m, b = [], []
         for _ in range(num_instances):
-            cy, cx = rng.uniform(100, HEIGHT - 100), rng.uniform(100, WIDTH - 100)
-            ry, rx = rng.uniform(20, 90), rng.uniform(20, 90)
+            cy, cx = rng.uniform(margin, height - margin), rng.uniform(margin, width - margin)
+            ry, rx = rng.uniform(*radii), rng.uniform(*radii)
             mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
             ys, xs = np.nonzero(mask)
             m.append(mask.astype(np.uint8))
             b.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        images.append(img)
         masks.append(np.stack(m))
         boxes.append(np.asarray(b, np.float32))
-        labels.append(rng.integers(1, 91, size=num_instances).astype(np.int64))
+        labels.append(rng.integers(1, num_classes, size=num_instances).astype(np.int64))
     return images, masks, boxes, labels
+
+
+def _scene(num_instances: int, seed: int = 0):
+    """Two 800x1067 images with ellipse instances: images, full masks, boxes, labels."""
+    return _ellipse_scene((HEIGHT, WIDTH), num_instances, seed, count=2, margin=100,
+                          radii=(20, 90), num_classes=91)  # fmt: skip
 
 
 def _time_jax_step(step, state, batch, repeats: int, stat) -> dict:
@@ -299,24 +309,8 @@ FLOPS_BATCH = 2
 
 def _scene_at(size: tuple[int, int], num_instances: int, seed: int):
     """FLOPS_BATCH images of ``size`` (h, w) with ellipse instances, as ``_scene``."""
-    height, width = size
-    rng = np.random.default_rng(seed)
-    images, masks, boxes, labels = [], [], [], []
-    yy, xx = np.mgrid[:height, :width]
-    for _ in range(FLOPS_BATCH):
-        images.append(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8))
-        m, b = [], []
-        for _ in range(num_instances):
-            cy, cx = rng.uniform(60, height - 60), rng.uniform(60, width - 60)
-            ry, rx = rng.uniform(12, 55), rng.uniform(12, 55)
-            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-            ys, xs = np.nonzero(mask)
-            m.append(mask.astype(np.uint8))
-            b.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-        masks.append(np.stack(m))
-        boxes.append(np.asarray(b, np.float32))
-        labels.append(rng.integers(1, 81, size=num_instances).astype(np.int64))
-    return images, masks, boxes, labels
+    return _ellipse_scene(size, num_instances, seed, count=FLOPS_BATCH, margin=60,
+                          radii=(12, 55), num_classes=81)  # fmt: skip
 
 
 def _flops_config(mask_rois: int):
