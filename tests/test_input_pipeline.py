@@ -20,6 +20,7 @@ from PIL import Image
 from maskrcnn_jax import data
 from maskrcnn_jax.data import input_pipeline, record_sizes, transforms
 from maskrcnn_jax.data.aspect_groups import AspectGroupedOrder
+from tests.test_data import coco_config
 
 tfds.disable_progress_bar()
 
@@ -62,21 +63,8 @@ def write_mixed_orientation_coco(root: str) -> tuple[str, str]:
 
 def aspect_dataset_config(root: str, ann: str, imgs: str, **overrides) -> ml_collections.ConfigDict:
     """The fixture's dataset config: canvases 64x96 / 96x64, shorter side 64, longer <= 96."""
-    c = data.get_dataset_config("coco")
-    c.data_dir = os.path.join(root, "prepared")
-    c.train_annotations, c.train_images = ann, imgs
-    c.val_annotations, c.val_images = ann, imgs
-    c.image_size = (96, 96)
-    c.aspect_canvases = (LANDSCAPE, PORTRAIT)
-    c.scales = (64,)
-    c.max_size = 96
-    c.max_instances = 4
-    c.mask_size = 16
-    c.num_workers = 0
-    c.drop_empty_images = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+    fields = {"aspect_canvases": (LANDSCAPE, PORTRAIT), "scales": (64,), **overrides}
+    return coco_config(root, ann, imgs, **fields)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,13 @@ def _one_line_error(config, num_devices=1) -> str:
     return message
 
 
+def _coco_with_weights():
+    """The COCO recipe with a backbone checkpoint named: its frozen-BN guard passes."""
+    config = coco_r50_fpn_1x.get_config()
+    config.init.backbone_checkpoint = "/some/weights"
+    return config
+
+
 def test_frozen_backbone_without_weights_is_refused():
     config = coco_r50_fpn_1x.get_config()
     assert config.model.norm == "frozen_bn"
@@ -55,8 +62,7 @@ def test_batch_not_divisible_by_devices():
 
 
 def test_canvas_smaller_than_max_size():
-    config = coco_r50_fpn_1x.get_config()
-    config.init.backbone_checkpoint = "/some/weights"
+    config = _coco_with_weights()
     assert config.dataset.aspect_canvases == ((800, 1344), (1344, 800))
     validate_recipe(config, 1)
     config.dataset.aspect_canvases = ()  # One canvas: dataset.image_size.
@@ -68,8 +74,7 @@ def test_canvas_smaller_than_max_size():
 
 
 def test_aspect_canvas_that_cannot_hold_its_orientation():
-    config = coco_r50_fpn_1x.get_config()
-    config.init.backbone_checkpoint = "/some/weights"
+    config = _coco_with_weights()
     config.dataset.aspect_canvases = ((800, 1344), (1312, 800))
     message = _one_line_error(config)
     assert "portrait canvas (1312, 800)" in message and "up to 1333x800" in message
@@ -81,8 +86,7 @@ def test_aspect_canvas_that_cannot_hold_its_orientation():
 
 
 def test_canvas_sides_must_be_multiples_of_the_p5_stride():
-    config = coco_r50_fpn_1x.get_config()
-    config.init.backbone_checkpoint = "/some/weights"
+    config = _coco_with_weights()
     config.dataset.aspect_canvases = ((800, 1340), (1344, 800))
     message = _one_line_error(config)
     assert "dataset.aspect_canvases canvas (800, 1340)" in message and "multiples of 32" in message
