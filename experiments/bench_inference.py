@@ -66,6 +66,7 @@ def main() -> None:
         convert_torchvision_state_dict,
     )
     from maskrcnn_jax.inference import Predictor
+    from maskrcnn_jax import xla_options
     from maskrcnn_jax.modeling import MaskRCNN
     from tests.test_parity import randomize_torchvision, synthetic_image
 
@@ -92,7 +93,7 @@ def main() -> None:
     resized = predictor.preprocess(image)[1]
     bucket = predictor.bucket_for(resized)
     model = MaskRCNN(config)
-    feats_fn = jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.features))
+    feats_fn = xla_options.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.features))
     x = jnp.zeros((1, *bucket, 3), jnp.float32)
     s = jnp.asarray([resized], jnp.int32)
     jax.block_until_ready(feats_fn(predictor.variables, x, s))

@@ -157,7 +157,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     import jax
 
     from experiments.coco_r50_fpn_1x import get_config
-    from maskrcnn_jax import ops, torchvision_weights, train
+    from maskrcnn_jax import ops, torchvision_weights, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN
     from maskrcnn_jax.optim import make_optimizer
 
@@ -187,7 +187,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     }
     optimizer = make_optimizer(config, variables["params"])
     state = train.create_train_state(variables, optimizer, jax.random.key(0))
-    step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
+    step = xla_options.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
     return _time_jax_step(step, state, batch, repeats, np.median)
 
 
@@ -228,7 +228,7 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
     import jax
 
     from experiments.shapes import get_config
-    from maskrcnn_jax import ops, optim, train
+    from maskrcnn_jax import ops, optim, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN, init_model
 
     config = get_config()
@@ -256,7 +256,7 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
     # Jitted as in train.py: distinct buffers for the donated state's zero counters.
     init_state = lambda v, k: train.create_train_state(v, optimizer, k)
     state = jax.jit(init_state)(variables, jax.random.key(0))
-    step = jax.jit(
+    step = xla_options.jit(
         train.make_train_step(MaskRCNN(config.model), config, optimizer),
         donate_argnums=(0,),
     )

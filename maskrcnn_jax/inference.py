@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maskrcnn_jax import xla_options
 from maskrcnn_jax.host_processing import (
     BucketedPredictor,
     default_buckets,
@@ -70,7 +71,7 @@ class Predictor(BucketedPredictor):
         self.config = model_config
         self.model = MaskRCNN(model_config)
         self.variables = jax.device_put(variables)
-        self._forward = jax.jit(self.model.apply)
+        self._forward = xla_options.jit(self.model.apply)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs: Any) -> Predictor:

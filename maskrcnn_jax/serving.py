@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from maskrcnn_jax import xla_options
 from maskrcnn_jax.host_processing import BucketedPredictor
 
 FORMAT = "maskrcnn_jax.export"
@@ -178,6 +179,7 @@ class ExportedPredictor(BucketedPredictor):
         }
         self.variables = jax.device_put(load_params(directory, manifest))
         self._exported: dict[tuple[int, int], Any] = {}
+        self._calls: dict[tuple[int, int], Any] = {}  # jitted exp.call per bucket
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -206,12 +208,13 @@ class ExportedPredictor(BucketedPredictor):
             if exp.in_tree != expected:
                 raise ExportError(f"{path}: its parameters differ from {PARAMS_FILE}'s")
             self._exported[key] = exp
+            self._calls[key] = xla_options.jit(exp.call)
         return self._exported[key]
 
     def run_batch(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         """One device call on padded images [B, H, W, 3] float32 0..255 and sizes [B, 2]."""
-        exp = self.exported(images.shape[1:3])
-        out = exp.call(self.variables, np.asarray(images, np.float32),
+        self.exported(images.shape[1:3])
+        out = self._calls[tuple(images.shape[1:3])](self.variables, np.asarray(images, np.float32),
                        np.asarray(image_sizes, np.int32))  # fmt: skip
         return jax.device_get(out)
 

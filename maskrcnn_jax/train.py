@@ -38,7 +38,7 @@ import optax
 from tqdm import tqdm
 
 from maskrcnn_jax import checkpoint as ckpt
-from maskrcnn_jax import data, optim, sharding, validation
+from maskrcnn_jax import data, optim, sharding, validation, xla_options
 from maskrcnn_jax.batch import TRAIN_KEYS
 from maskrcnn_jax.metrics_writer import MetricsWriter, to_python
 from maskrcnn_jax.modeling import MaskRCNN, init_model
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_state = lambda v, k: create_train_state(v, optimizer, k)
     abstract_state = jax.eval_shape(init_state, abstract_variables, k_train)
     state_sharding = sharding.tree_replicated(abstract_state, mesh)
-    step_fn = jax.jit(
+    step_fn = xla_options.jit(
         make_train_step(model, config, optimizer),
         in_shardings=(state_sharding, sharding.data_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
