@@ -17,7 +17,7 @@ import torchvision
 from maskrcnn_jax import losses, targets
 from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
-from maskrcnn_jax.modeling.mask_head import MaskHead
+from maskrcnn_jax.modeling.mask_head import ConvTranspose2x2, MaskHead
 from maskrcnn_jax.ops import FPN_STRIDES, poolers
 from maskrcnn_jax.ops.roi_align import roi_align_levels
 
@@ -291,6 +291,42 @@ def test_propose_matches_torchvision(tiny_model_config):
         np.testing.assert_allclose(boxes[i, :n], ref_boxes[i].numpy(), atol=1e-4)
         np.testing.assert_allclose(scores[i, :n], ref_scores[i].numpy(), atol=1e-6)
         assert float(jnp.abs(boxes[i, n:]).sum()) == 0
+
+
+def test_conv_transpose_2x2_and_its_gradients_match_torch():
+    """``ConvTranspose2x2`` (the mask head's upsampling) against ``nn.ConvTranspose2d(k=2,
+    s=2)``: the value and the gradients of x, kernel and bias for a fixed cotangent.
+    An output sums Cin = 8 products, the x gradient Cout * 4 = 20, the kernel gradient
+    N * h * w = 90, the bias gradient N * 2h * 2w = 360; each of absolute size at most
+    a * b. Two float32 sums of n such terms, in any order, differ by at most
+    2 * (n - 1) * 2^-24 * n * a * b."""
+    rng = np.random.default_rng(0)
+    n, h, w, cin, cout = 3, 5, 6, 8, 5
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    cot = rng.standard_normal((n, 2 * h, 2 * w, cout)).astype(np.float32)
+    tconv = torch.nn.ConvTranspose2d(cin, cout, 2, stride=2)
+    torch.nn.init.normal_(tconv.bias)
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    ty = tconv(tx)
+    ty.backward(torch.from_numpy(cot).permute(0, 3, 1, 2))
+    params = {
+        "kernel": jnp.asarray(tconv.weight.detach().numpy().transpose(2, 3, 0, 1)),
+        "bias": jnp.asarray(tconv.bias.detach().numpy()),
+    }
+    module = ConvTranspose2x2(cout)
+    y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, jnp.asarray(x))
+    dparams, dx = vjp(jnp.asarray(cot))
+    m = lambda a: float(np.abs(a).max())
+    bound = lambda terms, ab: 2 * (terms - 1) * 2**-24 * terms * ab
+    mw = m(tconv.weight.detach().numpy())
+    checks = [
+        ("value", y, ty.detach().permute(0, 2, 3, 1), bound(cin + 1, max(m(x) * mw, m(params["bias"])))),
+        ("x grad", dx, tx.grad.permute(0, 2, 3, 1), bound(4 * cout, m(cot) * mw)),
+        ("kernel grad", dparams["kernel"], tconv.weight.grad.permute(2, 3, 0, 1), bound(n * h * w, m(x) * m(cot))),
+        ("bias grad", dparams["bias"], tconv.bias.grad, bound(4 * n * h * w, m(cot))),
+    ]
+    for name, got, want, atol in checks:
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=atol, rtol=0, err_msg=name)
 
 
 def test_detect_matches_torchvision():
