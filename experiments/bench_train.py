@@ -145,6 +145,28 @@ def _time_torch_step(model, opt, timgs, targets, repeats: int, stat) -> dict:
     }
 
 
+def _count_positives(model) -> list[float]:
+    """Wraps ``model.roi_heads.select_training_samples`` to record, per call, the mean
+    number of positive RoIs per image: what torchvision's mask head runs on."""
+    positives: list[float] = []
+    sample = model.roi_heads.select_training_samples
+
+    def counting_sample(proposals, targets):
+        out = sample(proposals, targets)
+        positives.append(sum(int((lab > 0).sum()) for lab in out[2]) / len(out[2]))
+        return out
+
+    model.roi_heads.select_training_samples = counting_sample
+    return positives
+
+
+def _mask_slots(model_config) -> int:
+    """Our mask head's static RoI slots per image (``MaskRCNN.losses``)."""
+    c = model_config
+    p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
+    return min(p, int(c.mask_rois_per_image or p))
+
+
 def _torch_model():
     import torch
     import torchvision
@@ -188,7 +210,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     optimizer = make_optimizer(config, variables["params"])
     state = train.create_train_state(variables, optimizer, jax.random.key(0))
     step = xla_options.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
-    return _time_jax_step(step, state, batch, repeats, np.median)
+    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": _mask_slots(config.model)}
 
 
 def run_torchvision(repeats: int, num_instances: int) -> dict:
@@ -196,8 +218,10 @@ def run_torchvision(repeats: int, num_instances: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_model().train()
+    positives = _count_positives(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    return _time_torch_step(model, opt, *_torch_inputs(*_scene(num_instances)), repeats, np.median)
+    result = _time_torch_step(model, opt, *_torch_inputs(*_scene(num_instances)), repeats, np.median)
+    return {**result, "mask_rois": float(np.mean(positives[1:]))}
 
 
 SHAPES_B, SHAPES_HW, SHAPES_INSTANCES = 8, 128, 3
@@ -224,7 +248,7 @@ def _shapes_scene(seed: int = 0):
     return images, masks, boxes, labels
 
 
-def run_ours_shapes(repeats: int, width: int) -> dict:
+def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
     import jax
 
     from experiments.shapes import get_config
@@ -233,6 +257,8 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
 
     config = get_config()
     config.model.backbone_width = width
+    if mask_rois:
+        config.model.mask_rois_per_image = mask_rois
     images, masks, boxes, labels = _shapes_scene()
     m, crop = config.dataset.max_instances, config.dataset.mask_size
     n = SHAPES_INSTANCES
@@ -260,7 +286,7 @@ def run_ours_shapes(repeats: int, width: int) -> dict:
         train.make_train_step(MaskRCNN(config.model), config, optimizer),
         donate_argnums=(0,),
     )
-    return _time_jax_step(step, state, batch, repeats, np.min)
+    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": _mask_slots(config.model)}
 
 
 def _torch_shapes_model():
@@ -299,8 +325,10 @@ def run_torchvision_shapes(repeats: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_shapes_model().train()
+    positives = _count_positives(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    return _time_torch_step(model, opt, *_torch_inputs(*_shapes_scene()), repeats, np.min)
+    result = _time_torch_step(model, opt, *_torch_inputs(*_shapes_scene()), repeats, np.min)
+    return {**result, "mask_rois": float(np.mean(positives[1:]))}
 
 
 FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like
@@ -383,15 +411,7 @@ def run_torchvision_flops(num_instances: int) -> dict:
     for name, p in model.backbone.body.named_parameters():  # trainable_backbone_layers=3
         if not name.startswith(("layer2", "layer3", "layer4")):
             p.requires_grad_(False)
-    positives = []
-    sample = model.roi_heads.select_training_samples
-
-    def counting_sample(proposals, targets):
-        out = sample(proposals, targets)
-        positives.append(sum(int((lab > 0).sum()) for lab in out[2]))
-        return out
-
-    model.roi_heads.select_training_samples = counting_sample
+    positives = _count_positives(model)
     batch_shape = []
     batch_images = model.transform.batch_images
 
@@ -410,7 +430,8 @@ def run_torchvision_flops(num_instances: int) -> dict:
         by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
         conv = sum(v for k, v in by_op.items() if "convolution" in k)
         result[name] = {"canvas": batch_shape[-1], "conv": conv,
-                        "dot": counter.get_total_flops() - conv, "positives": positives[-1]}
+                        "dot": counter.get_total_flops() - conv,
+                        "positives": positives[-1] * FLOPS_BATCH}
     return result
 
 
@@ -450,7 +471,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--instances", type=int, default=8)
-    parser.add_argument("--mask-rois", type=int, default=0, help="model.mask_rois_per_image (0 = 128)")
+    parser.add_argument("--mask-rois", type=int, default=0,
+                        help="model.mask_rois_per_image (0: r50 all 128, shapes its config's)")
     parser.add_argument("--recipe", choices=["r50", "shapes"], default="r50")
     parser.add_argument("--width", type=int, default=64, help="shapes: our backbone_width")
     parser.add_argument("--flops", action="store_true",
@@ -479,7 +501,7 @@ def main() -> None:
         return
     if args.only and args.recipe == "shapes":
         if args.only == "ours":
-            result = run_ours_shapes(args.repeats, args.width)
+            result = run_ours_shapes(args.repeats, args.width, args.mask_rois)
         else:
             result = run_torchvision_shapes(args.repeats)
         print(json.dumps(result))
@@ -518,6 +540,10 @@ def main() -> None:
     print(f"{'ours':12} {ours['step_s']:8.2f} {ours['compile_s']:10.1f} {ours['peak_mb']:8.0f}")
     print(f"{'torchvision':12} {tv['step_s']:8.2f} {'':>10} {tv['peak_mb']:8.0f}")
     print(f"ratio ours/torchvision: {ours['step_s'] / tv['step_s']:.2f}")
+    print(
+        f"mask head RoIs per image: ours {ours['mask_rois']} (static slots), torchvision "
+        f"{tv['mask_rois']:.1f} (its positives, mean of the timed steps; they grow as its RPN learns)"
+    )
 
 
 if __name__ == "__main__":
