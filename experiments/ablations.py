@@ -216,7 +216,7 @@ def draw_chart(rows: Sequence[Mapping[str, Any]], path: str) -> None:
         draw.rectangle((x, base_y - ap * scale, x + bar, base_y), fill=color)
         narrow = (x + bar // 3, base_y - ap75 * scale, x + 2 * bar // 3, base_y)
         draw.rectangle(narrow, fill="black")
-        draw.text((x, base_y - ap * scale - 14), f"{ap:.1f}", fill="black")
+        draw.text((x, base_y - max(ap, ap75) * scale - 14), f"{ap:.1f}", fill="black")
         draw.text((x, base_y + 6), r["variant"][:9], fill="black")
         draw.text((x, base_y + 20), f"s{r['seed']}", fill="black")
     image.save(path)
