@@ -254,7 +254,7 @@ def test_overfits_a_handful_of_images(tmp_path, tiny_experiment_config):
     from maskrcnn_jax.inference import Predictor
 
     config = tiny_experiment_config(
-        steps=150, base_lr=0.02, warmup_steps=10, decay_steps=(120,), clip_norm=10.0
+        steps=200, base_lr=0.02, warmup_steps=10, decay_steps=(170,), clip_norm=10.0
     )
     config.dataset.shapes.num_train = 8
     config.dataset.flip = False
@@ -263,7 +263,7 @@ def test_overfits_a_handful_of_images(tmp_path, tiny_experiment_config):
     config.checkpoint_every = 1000
     train.train_and_evaluate(config, str(tmp_path / "run"))
     losses = _losses(tmp_path / "run")
-    first, last = losses[10], losses[150]
+    first, last = losses[10], losses[200]
     assert last < first / 4, (first, last)
 
     # Compare predicted masks with the full-resolution ground truth of the
