@@ -160,13 +160,6 @@ def _count_positives(model) -> list[float]:
     return positives
 
 
-def _mask_slots(model_config) -> int:
-    """Our mask head's static RoI slots per image (``MaskRCNN.losses``)."""
-    c = model_config
-    p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
-    return min(p, int(c.mask_rois_per_image or p))
-
-
 def _torch_model():
     import torch
     import torchvision
@@ -181,6 +174,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     from experiments.coco_r50_fpn_1x import get_config
     from maskrcnn_jax import ops, torchvision_weights, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN
+    from maskrcnn_jax.modeling.config import mask_slots_per_image
     from maskrcnn_jax.optim import make_optimizer
 
     sd = {k: v.numpy() for k, v in _torch_model().state_dict().items()}
@@ -210,7 +204,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     optimizer = make_optimizer(config, variables["params"])
     state = train.create_train_state(variables, optimizer, jax.random.key(0))
     step = xla_options.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
-    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": _mask_slots(config.model)}
+    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": mask_slots_per_image(config.model)}
 
 
 def run_torchvision(repeats: int, num_instances: int) -> dict:
@@ -254,6 +248,7 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
     from experiments.shapes import get_config
     from maskrcnn_jax import ops, optim, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN, init_model
+    from maskrcnn_jax.modeling.config import mask_slots_per_image
 
     config = get_config()
     config.model.backbone_width = width
@@ -286,7 +281,7 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
         train.make_train_step(MaskRCNN(config.model), config, optimizer),
         donate_argnums=(0,),
     )
-    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": _mask_slots(config.model)}
+    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": mask_slots_per_image(config.model)}
 
 
 def _torch_shapes_model():

@@ -152,6 +152,14 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     return c
 
 
+def mask_slots_per_image(c: ml_collections.ConfigDict) -> int:
+    """The mask head's static RoI slots per image in training: every possible positive
+    (``roi_batch_size_per_image * roi_positive_fraction``), capped by
+    ``mask_rois_per_image`` when that is set."""
+    p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
+    return min(p, int(c.mask_rois_per_image or p))
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raises ``ValueError`` naming the first invalid field of ``c``."""
     impls = roi_align_impl_names()

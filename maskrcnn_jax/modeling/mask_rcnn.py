@@ -43,6 +43,7 @@ from maskrcnn_jax.losses import (
     softmax_mask_loss,
 )
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
+from maskrcnn_jax.modeling.config import mask_slots_per_image
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.mask_head import MaskHead
 from maskrcnn_jax.modeling.resnet import ResNet
@@ -336,8 +337,7 @@ class MaskRCNN(nn.Module):
         # Positives come first in the RoI slots, in random order: the mask head
         # runs on a prefix that holds every positive (or, with a smaller
         # mask_rois_per_image, a uniform random subset of them).
-        p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
-        p = min(p, int(c.mask_rois_per_image or p))
+        p = mask_slots_per_image(c)
         mask_rois = roi_t.rois[:, :p]  # [B, p, 4]
         mask_logits = self.mask_head(feats, mask_rois)  # [B, p, 28, 28, K]
         m = mask_logits.shape[2]
