@@ -168,7 +168,25 @@ def _torch_model():
     return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
 
 
-def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
+def _mask_head_rois(model, variables, batch, key) -> int:
+    """The mask head's slots per image on ``batch``: the static prefix that
+    ``mask_head_prefixes`` picks for its positives (all slots when it is 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    from maskrcnn_jax.modeling import MaskRCNN
+    from maskrcnn_jax.modeling.config import mask_head_prefix_sizes, mask_slots_per_image
+
+    c = model.config
+    _, inter = jax.jit(lambda v, b: model.apply(
+        v, b["image"], b["image_size"], b, key, method=MaskRCNN.losses, mutable=["intermediates"]
+    ))(variables, batch)  # fmt: skip
+    needed = int(jnp.max(jnp.sum(inter["intermediates"]["mask_positive"][0], axis=1)))
+    sizes = mask_head_prefix_sizes(mask_slots_per_image(c), c.mask_head_prefixes)
+    return next(n for n in sizes if n >= needed)
+
+
+def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
     import jax
 
     from experiments.coco_r50_fpn_1x import get_config
@@ -183,6 +201,8 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     variables = torchvision_weights.convert_torchvision_state_dict(sd, config.model)
     config.train.batch_size = 2
     config.model.mask_rois_per_image = mask_rois
+    if prefixes:
+        config.model.mask_head_prefixes = prefixes
 
     images, masks, boxes, labels = _scene(num_instances)
     image = np.zeros((2, *PADDED, 3), np.uint8)
@@ -203,8 +223,11 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0) -> dict:
     }
     optimizer = make_optimizer(config, variables["params"])
     state = train.create_train_state(variables, optimizer, jax.random.key(0))
-    step = xla_options.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer), donate_argnums=(0,))
-    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": mask_slots_per_image(config.model)}
+    model = MaskRCNN(config.model)
+    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
+    step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
+    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": rois,
+            "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
 
 
 def run_torchvision(repeats: int, num_instances: int) -> dict:
@@ -242,7 +265,7 @@ def _shapes_scene(seed: int = 0):
     return images, masks, boxes, labels
 
 
-def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
+def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
     import jax
 
     from experiments.shapes import get_config
@@ -254,6 +277,8 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
     config.model.backbone_width = width
     if mask_rois:
         config.model.mask_rois_per_image = mask_rois
+    if prefixes:
+        config.model.mask_head_prefixes = prefixes
     images, masks, boxes, labels = _shapes_scene()
     m, crop = config.dataset.max_instances, config.dataset.mask_size
     n = SHAPES_INSTANCES
@@ -277,11 +302,11 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0) -> dict:
     # Jitted as in train.py: distinct buffers for the donated state's zero counters.
     init_state = lambda v, k: train.create_train_state(v, optimizer, k)
     state = jax.jit(init_state)(variables, jax.random.key(0))
-    step = xla_options.jit(
-        train.make_train_step(MaskRCNN(config.model), config, optimizer),
-        donate_argnums=(0,),
-    )
-    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": mask_slots_per_image(config.model)}
+    model = MaskRCNN(config.model)
+    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
+    step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
+    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": rois,
+            "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
 
 
 def _torch_shapes_model():
@@ -468,6 +493,8 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--mask-rois", type=int, default=0,
                         help="model.mask_rois_per_image (0: r50 all 128, shapes its config's)")
+    parser.add_argument("--mask-prefixes", type=int, default=0,
+                        help="model.mask_head_prefixes (0: the config's; 1: every slot always)")
     parser.add_argument("--recipe", choices=["r50", "shapes"], default="r50")
     parser.add_argument("--width", type=int, default=64, help="shapes: our backbone_width")
     parser.add_argument("--flops", action="store_true",
@@ -496,14 +523,14 @@ def main() -> None:
         return
     if args.only and args.recipe == "shapes":
         if args.only == "ours":
-            result = run_ours_shapes(args.repeats, args.width, args.mask_rois)
+            result = run_ours_shapes(args.repeats, args.width, args.mask_rois, args.mask_prefixes)
         else:
             result = run_torchvision_shapes(args.repeats)
         print(json.dumps(result))
         return
     if args.only:
         if args.only == "ours":
-            result = run_ours(args.repeats, args.instances, args.mask_rois)
+            result = run_ours(args.repeats, args.instances, args.mask_rois, args.mask_prefixes)
         else:
             result = run_torchvision(args.repeats, args.instances)
         print(json.dumps(result))
@@ -514,7 +541,7 @@ def main() -> None:
             [sys.executable, "-m", "experiments.bench_train", "--only", which,
              "--repeats", str(args.repeats), "--instances", str(args.instances),
              "--mask-rois", str(args.mask_rois), "--recipe", args.recipe,
-             "--width", str(args.width)],
+             "--width", str(args.width), "--mask-prefixes", str(args.mask_prefixes)],
             check=True, capture_output=True, text=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
@@ -536,8 +563,9 @@ def main() -> None:
     print(f"{'torchvision':12} {tv['step_s']:8.2f} {'':>10} {tv['peak_mb']:8.0f}")
     print(f"ratio ours/torchvision: {ours['step_s'] / tv['step_s']:.2f}")
     print(
-        f"mask head RoIs per image: ours {ours['mask_rois']} (static slots), torchvision "
-        f"{tv['mask_rois']:.1f} (its positives, mean of the timed steps; they grow as its RPN learns)"
+        f"mask head RoIs per image: ours {ours['mask_rois']} of {ours['mask_slots']} static slots"
+        f" (the prefix its positives take at the first step), torchvision {tv['mask_rois']:.1f}"
+        " (its positives, mean of the timed steps; they grow as its RPN learns)"
     )
 
 

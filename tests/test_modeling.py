@@ -17,6 +17,7 @@ import torchvision
 from maskrcnn_jax import losses, targets
 from maskrcnn_jax.modeling import MaskRCNN, anchors_for, get_model_config, init_model, propose
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
+from maskrcnn_jax.modeling.config import mask_head_prefix_sizes, mask_slots_per_image
 from maskrcnn_jax.modeling.mask_head import ConvTranspose2x2, MaskHead
 from maskrcnn_jax.ops import FPN_STRIDES, poolers
 from maskrcnn_jax.ops.roi_align import roi_align_levels
@@ -545,12 +546,69 @@ def test_losses_respect_rpn_score_thresh(training_terms):
         )
 
 
+def test_mask_head_prefix_sizes():
+    assert mask_head_prefix_sizes(128, 4) == [16, 32, 64, 128]
+    assert mask_head_prefix_sizes(100, 4) == [13, 25, 50, 100]
+    assert mask_head_prefix_sizes(32, 1) == [32]
+    assert mask_head_prefix_sizes(3, 4) == [1, 2, 3]  # distinct
+
+
+def test_mask_head_on_the_shortest_prefix_gives_the_loss_and_gradients_of_all_slots(
+    tiny_train_batch, tiny_train_state
+):
+    """``mask_head_prefixes`` (the default 4) against 1 (every slot), in one jit: the
+    mask term and its gradient w.r.t. every parameter. The slots left out hold no
+    positive, so their loss weights are 0 and only the summation order differs.
+    Each gradient element sums at most N = B * p * 28 * 28 float32 terms (mask pixels;
+    the backbone's sums over its positions are no longer), so the two differ by at
+    most N * 2^-24 of that sum's magnitude; the check is norm-wise, against each
+    parameter's largest gradient. The fixture's batch must take a shorter prefix
+    than p, or the test would compare a computation with itself."""
+    config, batch = tiny_train_batch
+    state, _ = tiny_train_state
+    mc = config.model
+    all_slots = ml_collections.ConfigDict(mc.to_dict())
+    all_slots.mask_head_prefixes = 1
+    key = jax.random.key(3)
+
+    def mask_term(model):
+        def f(params):
+            variables = {**state.variables(), "params": params}
+            return model.apply(variables, batch["image"], batch["image_size"], batch, key,
+                               method=MaskRCNN.losses)["mask_loss"]  # fmt: skip
+
+        return jax.value_and_grad(f)(state.params)
+
+    def run():
+        _, inter = MaskRCNN(mc).apply(
+            state.variables(), batch["image"], batch["image_size"], batch, key,
+            method=MaskRCNN.losses, mutable=["intermediates"],
+        )  # fmt: skip
+        positives = jnp.max(jnp.sum(inter["intermediates"]["mask_positive"][0], axis=1))
+        return mask_term(MaskRCNN(mc)), mask_term(MaskRCNN(all_slots)), positives
+
+    (short, g_short), (full, g_full), positives = jax.device_get(jax.jit(run)())
+    p = mask_slots_per_image(mc)
+    sizes = mask_head_prefix_sizes(p, mc.mask_head_prefixes)
+    assert 0 < positives <= sizes[-2] < p, (positives, sizes)
+    n = batch["image"].shape[0] * p * 28 * 28
+    np.testing.assert_allclose(short, full, rtol=n * 2.0**-24)
+    assert short > 0
+    flat_short = jax.tree_util.tree_leaves_with_path(g_short)
+    for (path, a), b in zip(flat_short, jax.tree.leaves(g_full)):
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=n * 2.0**-24 * scale,
+                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+    assert any(np.abs(b).max() > 0 for b in jax.tree.leaves(g_full))
+
+
 def test_training_settings_are_validated():
     for field, bad in [
         ("rpn_batch_size_per_image", 0),
         ("roi_positive_fraction", 1.5),
         ("rpn_positive_fraction", 0.0),
         ("mask_rois_per_image", -1),
+        ("mask_head_prefixes", 0),
         ("smooth_l1_beta", -0.1),
     ]:
         with pytest.raises(ValueError, match=f"model config {field}="):

@@ -54,3 +54,62 @@ def test_conv_and_its_gradients_match_the_default_compilation():
         (m(x) * m(w), m(c) * m(w), m(x) * m(c)),
     ):  # fmt: skip
         np.testing.assert_allclose(g, r, atol=(n - 1) * 2**-24 * n * ab, rtol=0, err_msg=name)
+
+
+def _gradient_conv_labels(fn, *args) -> list[str]:
+    """dim_labels of every convolution in the compiled ``fn``."""
+    text = xla_options.jit(fn).lower(*args).compile().as_text()
+    return [line.split("dim_labels=")[1].split(",")[0]
+            for line in text.splitlines() if " convolution(" in line]  # fmt: skip
+
+
+def test_conv_with_canonical_grads_matches_conv2d_and_stays_canonical_in_a_branch():
+    """``layers.conv2d_canonical_grads`` against ``layers.conv2d`` (stride 1, padding 1
+    and 0): value, input and kernel gradients for a fixed cotangent, within the float32
+    reordering bound of the test above (n = 9 * Cin for the value and the input
+    gradient, B * H' * W' for the kernel gradient). Inside a ``lax.switch`` branch its
+    gradient convolutions keep the form XLA:CPU's fast kernel takes (``b01f_01io->b01f``),
+    where ``conv2d``'s kernel gradient does not: that premise is checked too."""
+    from maskrcnn_jax.modeling.layers import conv2d, conv2d_canonical_grads
+
+    rng = np.random.default_rng(1)
+    b, h, w, ci, co = 6, 10, 9, 8, 5
+    x = jnp.asarray(rng.standard_normal((b, h, w, ci)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, ci, co)), jnp.float32)
+    m = lambda a: float(jnp.abs(a).max())
+    for pad in (1, 0):
+        hh, ww = h + 2 * pad - 2, w + 2 * pad - 2
+        c = jnp.asarray(rng.standard_normal((b, hh, ww, co)), jnp.float32)
+
+        def grads(conv):
+            def f(x, k, c):
+                y, vjp = jax.vjp(conv, x, k)
+                return (y, *vjp(c))
+
+            return f
+
+        ref = jax.jit(grads(lambda x, k: conv2d(x, k, 1, pad)))(x, k, c)
+        got = jax.jit(grads(lambda x, k: conv2d_canonical_grads(x, k, pad)))(x, k, c)
+        for name, r, g, n, ab in zip(
+            ("value", "input grad", "kernel grad"), ref, got, (9 * ci, 9 * co, b * hh * ww),
+            (m(x) * m(k), m(c) * m(k), m(x) * m(c)),
+        ):  # fmt: skip
+            assert g.shape == r.shape, name
+            np.testing.assert_allclose(g, r, atol=(n - 1) * 2**-24 * n * ab, rtol=0,
+                                       err_msg=f"pad {pad} {name}")  # fmt: skip
+
+    def in_branch(conv):
+        def f(x, k):
+            def both_grads(k):  # all three convolutions: value, input and kernel gradients
+                gk, gx = jax.grad(lambda k, x: jnp.sum(conv(x, k) ** 2), (0, 1))(k, x)
+                return gk + jnp.sum(gx)
+
+            index = (jnp.sum(x) > -1e30).astype(jnp.int32)
+            return lax.switch(index, [jnp.zeros_like, both_grads], k)
+
+        return f
+
+    canonical = _gradient_conv_labels(in_branch(lambda x, k: conv2d_canonical_grads(x, k, 1)), x, k)
+    plain = _gradient_conv_labels(in_branch(lambda x, k: conv2d(x, k, 1, 1)), x, k)
+    assert len(canonical) == 3 and set(canonical) == {"b01f_01io->b01f"}, canonical
+    assert set(plain) != {"b01f_01io->b01f"}, plain

@@ -91,6 +91,13 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
         positive (``roi_batch_size_per_image * roi_positive_fraction``),
         exact but at the mask head's full cost; a smaller cap trains on a
         uniform random subset of the positives when there are more.
+      - ``mask_head_prefixes``: how many static prefixes of its slots the mask
+        head may run on, in training and inference (:func:`mask_head_prefix_sizes`:
+        4 gives p/8, p/4, p/2 and p). At run time ``lax.switch`` picks the
+        shortest that holds every image's positives (training) or
+        detections (inference), so its cost follows them as torchvision's
+        does. Exact: the slots left out carry no loss and no detection.
+        1 = always all slots.
       - ``smooth_l1_beta``: smooth-L1 beta of the RPN and box losses (1/9 as
         torchvision; 0 = L1 as Detectron2).
     """
@@ -143,6 +150,7 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.roi_batch_size_per_image = 512
     c.roi_positive_fraction = 0.25
     c.mask_rois_per_image = 0
+    c.mask_head_prefixes = 4
     c.smooth_l1_beta = 1.0 / 9
     for key, value in overrides.items():
         if key not in c:
@@ -158,6 +166,12 @@ def mask_slots_per_image(c: ml_collections.ConfigDict) -> int:
     ``mask_rois_per_image`` when that is set."""
     p = int(c.roi_batch_size_per_image * c.roi_positive_fraction)
     return min(p, int(c.mask_rois_per_image or p))
+
+
+def mask_head_prefix_sizes(slots: int, prefixes: int) -> list[int]:
+    """The static slot counts the mask head may run on: ``ceil(slots / 2**i)`` for
+    ``i < prefixes``, ascending and distinct (``(128, 4)`` -> ``[16, 32, 64, 128]``)."""
+    return sorted({-(-slots // 2**i) for i in range(prefixes)})
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -198,6 +212,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.mask_rois_per_image < 0:
         raise ValueError(
             f"model config mask_rois_per_image={c.mask_rois_per_image}, expected >= 0 (0 = all)"
+        )
+    if not (isinstance(c.mask_head_prefixes, int) and c.mask_head_prefixes >= 1):
+        raise ValueError(
+            f"model config mask_head_prefixes={c.mask_head_prefixes!r}, expected an int >= 1"
         )
     if c.smooth_l1_beta < 0:
         raise ValueError(f"model config smooth_l1_beta={c.smooth_l1_beta}, expected >= 0")

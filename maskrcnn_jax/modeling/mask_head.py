@@ -137,6 +137,7 @@ class MaskHead(nn.Module):
                 relu=True,
                 dtype=self.dtype,
                 kernel_init=kaiming_fan_out,
+                canonical_grads=True,  # runs in a lax.switch branch (mask_head_prefixes)
                 name=f"mask_fcn{i + 1}",
             )(x)
         x = nn.relu(ConvTranspose2x2(self.dim, self.dtype, name="conv5_mask")(x))  # [BR, 28, 28, D]

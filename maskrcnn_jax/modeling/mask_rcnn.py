@@ -43,7 +43,7 @@ from maskrcnn_jax.losses import (
     softmax_mask_loss,
 )
 from maskrcnn_jax.modeling.box_head import BoxHead, detect
-from maskrcnn_jax.modeling.config import mask_slots_per_image
+from maskrcnn_jax.modeling.config import mask_head_prefix_sizes, mask_slots_per_image
 from maskrcnn_jax.modeling.fpn import FPN
 from maskrcnn_jax.modeling.mask_head import MaskHead
 from maskrcnn_jax.modeling.resnet import ResNet
@@ -338,19 +338,47 @@ class MaskRCNN(nn.Module):
         # runs on a prefix that holds every positive (or, with a smaller
         # mask_rois_per_image, a uniform random subset of them).
         p = mask_slots_per_image(c)
-        mask_rois = roi_t.rois[:, :p]  # [B, p, 4]
-        mask_logits = self.mask_head(feats, mask_rois)  # [B, p, 28, 28, K]
-        m = mask_logits.shape[2]
-        mask_t = jax.vmap(lambda gm, gb, r, i: mask_targets(gm, gb, r, i, m))(
-            targets["masks"], gt_boxes, mask_rois, roi_t.matched[:, :p]
-        )  # [B, p, 28, 28]
-        mask_labels, mask_positive = roi_t.labels[:, :p], roi_t.positive[:, :p]
-        # Recorded for inspection (apply(..., mutable=["intermediates"])); no-op otherwise.
-        self.sow("intermediates", "mask_logits", mask_logits)
-        self.sow("intermediates", "mask_labels", mask_labels)
-        self.sow("intermediates", "mask_targets", mask_t)
-        self.sow("intermediates", "mask_positive", mask_positive)
-        mask = MASK_MODES[self.mask_mode](mask_logits, mask_labels, mask_t, mask_positive)
+        mode = self.mask_mode
+
+        def mask_branch(n: int):
+            def run(module, feats, rois, matched, labels, positive, gt_masks, gt_boxes):
+                rois = rois[:, :n]
+                logits = module.mask_head(feats, rois)  # [B, n, 28, 28, K]
+                m = logits.shape[2]
+                mask_t = jax.vmap(lambda gm, gb, r, i: mask_targets(gm, gb, r, i, m))(
+                    gt_masks, gt_boxes, rois, matched[:, :n]
+                )  # [B, n, 28, 28]
+                labels, positive = labels[:, :n], positive[:, :n]
+                return MASK_MODES[mode](logits, labels, mask_t, positive), (
+                    logits, labels, mask_t, positive)
+
+            return run
+
+        def loss_only(n: int):
+            run = mask_branch(n)
+            return lambda module, *args: run(module, *args)[0]
+
+        mask_args = (feats, roi_t.rois[:, :p], roi_t.matched[:, :p], roi_t.labels[:, :p],
+                     roi_t.positive[:, :p], targets["masks"], gt_boxes)  # fmt: skip
+        if self.is_mutable_collection("intermediates"):
+            # Recorded for inspection (apply(..., mutable=["intermediates"])) on all p slots.
+            mask, (logits, labels, mask_t, positive) = mask_branch(p)(self, *mask_args)
+            self.sow("intermediates", "mask_logits", logits)
+            self.sow("intermediates", "mask_labels", labels)
+            self.sow("intermediates", "mask_targets", mask_t)
+            self.sow("intermediates", "mask_positive", positive)
+        else:
+            # The shortest static prefix that holds every image's positives
+            # (mask_head_prefix_sizes): slots after it carry no loss, so this is exact.
+            # Each branch is rematerialised: JAX's derivative of a switch otherwise
+            # returns the residuals of every branch from the forward one, zero-filled
+            # for the branches not taken, which cost more than the forward they save
+            # (XLA:CPU, shapes recipe).
+            sizes = mask_head_prefix_sizes(p, c.mask_head_prefixes)
+            needed = jnp.max(jnp.sum(roi_t.positive[:, :p], axis=1))
+            index = jnp.searchsorted(jnp.asarray(sizes), needed)
+            branches = [nn.remat(loss_only(n)) for n in sizes]
+            mask = nn.switch(index, branches, self, *mask_args)
         return {
             "rpn_objectness_loss": rpn_obj,
             "rpn_box_loss": rpn_box,
@@ -421,9 +449,9 @@ class MaskRCNN(nn.Module):
 
         Valid detections fill a prefix of the D slots (see ``detect``). The
         mask head, the costliest per-detection stage, runs on the shortest of
-        a few static prefixes (D/8, D/4, D/2, D) that holds every image's
-        detections, chosen at run time by ``lax.switch``; so, as in
-        torchvision, a few detections cost little.
+        a few static prefixes (``mask_head_prefixes`` of them: D/8, D/4, D/2, D
+        by default) that holds every image's detections, chosen at run time
+        by ``lax.switch``; so, as in torchvision, a few detections cost little.
 
         Args:
           features: [P2..P6].
@@ -438,7 +466,7 @@ class MaskRCNN(nn.Module):
         """
         d = boxes.shape[1]
         mode = self.mask_mode
-        counts = sorted({-(-d // f) for f in (8, 4, 2, 1)})  # ceil(D / f), e.g. 13 .. 100
+        counts = mask_head_prefix_sizes(d, self.config.mask_head_prefixes)  # e.g. 13 .. 100
 
         def branch(n):
             def run(module, feats, boxes, labels):
