@@ -18,7 +18,8 @@ Conventions, per instruction (2 FLOPs per multiply-add):
 
 Computations reached through ``calls=`` (fusions), ``to_apply=`` (calls,
 reductions), ``while`` (body times ``known_trip_count``) and conditionals
-(the most expensive branch) are followed from the entry computation.
+(the most expensive branch, or the one ``branch`` picks) are followed from
+the entry computation.
 
 Use: ``hlo_flops(jax.jit(f).lower(*args).compile().as_text())``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
@@ -123,11 +125,13 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     return computations, entry
 
 
-def hlo_flops(hlo_text: str) -> FlopCount:
+def hlo_flops(hlo_text: str, branch: Callable[[list[int]], int] | None = None) -> FlopCount:
     """Convolution and dot FLOPs of an HLO module (module docstring).
 
     Args:
       hlo_text: ``compiled.as_text()`` (or any HLO module text).
+      branch: given the FLOPs of each branch of a conditional, in branch
+        order, the index of the one to count; default: the most expensive.
 
     Returns:
       A :class:`FlopCount`.
@@ -164,8 +168,9 @@ def hlo_flops(hlo_text: str) -> FlopCount:
             if branches:  # A conditional runs one branch: count the most expensive.
                 names = [n.strip().lstrip("%") for b in branches for n in b.split(",")]
                 costs = [count(n) for n in names if n]
-                best = max(costs, key=sum)
-                conv, dot = conv + best[0], dot + best[1]
+                totals = [sum(c) for c in costs]
+                pick = costs[branch(totals)] if branch else max(costs, key=sum)
+                conv, dot = conv + pick[0], dot + pick[1]
             trip = _TRIP_COUNT.search(rest) if opcode == "while" else None
             times = int(trip.group(1)) if trip else 1
             called = [count(callee) for callee in _CALLEES.findall(rest)]

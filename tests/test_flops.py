@@ -78,3 +78,19 @@ def test_a_loop_of_unknown_length_is_reported():
     count = hlo_flops(jax.jit(program).lower(x, w).compile().as_text())
     assert count.dot == 2 * 2 * 4 * 4  # The body once: its trip count is data-dependent.
     assert list(count.unknown_trip_counts.values()) == [2 * 2 * 4 * 4]
+
+
+def test_a_switch_counts_its_costliest_branch_or_the_one_picked():
+    """Three branches: x @ w once, twice, three times ([2, 4] @ [4, 4]: 64 FLOPs each)."""
+
+    def program(i, x, w):
+        branches = [lambda x, n=n: jax.lax.fori_loop(0, n, lambda _, c: c @ w, x) for n in (1, 2, 3)]
+        return jax.lax.switch(i, branches, x)
+
+    x, w = np.ones((2, 4), np.float32), np.full((4, 4), 0.5, np.float32)
+    text = jax.jit(program).lower(np.int32(0), x, w).compile().as_text()
+    assert hlo_flops(text).dot == 3 * 64
+    seen = []
+    for i in range(3):
+        assert hlo_flops(text, branch=lambda costs, i=i: seen.append(costs) or i).dot == (i + 1) * 64
+    assert sorted(seen[0]) == [64, 128, 192]
