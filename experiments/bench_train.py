@@ -145,15 +145,15 @@ def _time_torch_step(model, opt, timgs, targets, repeats: int, stat) -> dict:
     }
 
 
-def _count_positives(model) -> list[float]:
-    """Wraps ``model.roi_heads.select_training_samples`` to record, per call, the mean
-    number of positive RoIs per image: what torchvision's mask head runs on."""
-    positives: list[float] = []
+def _count_positives(model) -> list[list[int]]:
+    """Wraps ``model.roi_heads.select_training_samples`` to record, per call, the
+    number of positive RoIs of each image: what torchvision's mask head runs on."""
+    positives: list[list[int]] = []
     sample = model.roi_heads.select_training_samples
 
     def counting_sample(proposals, targets):
         out = sample(proposals, targets)
-        positives.append(sum(int((lab > 0).sum()) for lab in out[2]) / len(out[2]))
+        positives.append([int((lab > 0).sum()) for lab in out[2]])
         return out
 
     model.roi_heads.select_training_samples = counting_sample
@@ -222,7 +222,9 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int
         "valid": np.ones((2, num_instances), bool),
     }
     optimizer = make_optimizer(config, variables["params"])
-    state = train.create_train_state(variables, optimizer, jax.random.key(0))
+    # Jitted as in train.py: distinct buffers for the donated state's zero counters.
+    init_state = lambda v, k: train.create_train_state(v, optimizer, k)
+    state = jax.jit(init_state)(variables, jax.random.key(0))
     model = MaskRCNN(config.model)
     rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
     step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
@@ -238,7 +240,7 @@ def run_torchvision(repeats: int, num_instances: int) -> dict:
     positives = _count_positives(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     result = _time_torch_step(model, opt, *_torch_inputs(*_scene(num_instances)), repeats, np.median)
-    return {**result, "mask_rois": float(np.mean(positives[1:]))}
+    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in positives[1:]]))}
 
 
 SHAPES_B, SHAPES_HW, SHAPES_INSTANCES = 8, 128, 3
@@ -348,7 +350,7 @@ def run_torchvision_shapes(repeats: int) -> dict:
     positives = _count_positives(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     result = _time_torch_step(model, opt, *_torch_inputs(*_shapes_scene()), repeats, np.min)
-    return {**result, "mask_rois": float(np.mean(positives[1:]))}
+    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in positives[1:]]))}
 
 
 FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like
@@ -381,8 +383,11 @@ def run_ours_flops(num_instances: int, mask_rois: int) -> dict:
     from maskrcnn_jax import optim, train
     from maskrcnn_jax.data import transforms
     from maskrcnn_jax.modeling import MaskRCNN, init_model
+    from maskrcnn_jax.modeling.config import mask_head_prefix_sizes, mask_slots_per_image
 
     config = _flops_config(mask_rois)
+    sizes = mask_head_prefix_sizes(mask_slots_per_image(config.model),
+                                   config.model.mask_head_prefixes)  # fmt: skip
     ds = config.dataset
     spec = transforms.InputSpec.from_config(ds)
     variables = jax.eval_shape(lambda k: init_model(config.model, k), jax.random.key(0))
@@ -404,16 +409,24 @@ def run_ours_flops(num_instances: int, mask_rois: int) -> dict:
         b["boxes"][:, :n] = [8.0, 8.0, 120.0, 100.0]
         b["labels"][:, :n], b["valid"][:, :n] = 1, True
         t0 = time.perf_counter()
-        count = hlo_flops(step.lower(state, b).compile().as_text())
+        text = step.lower(state, b).compile().as_text()
+        compile_s = time.perf_counter() - t0
+        count = hlo_flops(text)  # the mask head on all its slots
+        # The mask head's switch (mask_head_prefixes) has one branch per prefix size:
+        # the FLOPs of the step when it takes each (other conditionals: the costliest).
+        by_prefix = []  # aligned with sizes
+        for i in range(len(sizes)):
+            pick = lambda costs, i=i: i if len(costs) == len(sizes) else costs.index(max(costs))
+            c = hlo_flops(text, branch=pick)
+            by_prefix.append({"conv": c.conv, "dot": c.dot})
         result[name] = {
             "canvas": canvas, "image": (geom.out_h, geom.out_w), "conv": count.conv,
             "dot": count.dot, "unknown_loop_flops": sum(count.unknown_trip_counts.values()),
             "uncounted_custom_calls": count.uncounted_custom_calls,
-            "compile_s": time.perf_counter() - t0,
+            "compile_s": compile_s, "by_prefix": by_prefix,
         }  # fmt: skip
-    result["mask_rois"] = mask_rois or int(
-        config.model.roi_batch_size_per_image * config.model.roi_positive_fraction
-    )
+    result["mask_rois"] = mask_slots_per_image(config.model)
+    result["prefix_sizes"] = sizes
     return result
 
 
@@ -451,7 +464,7 @@ def run_torchvision_flops(num_instances: int) -> dict:
         conv = sum(v for k, v in by_op.items() if "convolution" in k)
         result[name] = {"canvas": batch_shape[-1], "conv": conv,
                         "dot": counter.get_total_flops() - conv,
-                        "positives": positives[-1] * FLOPS_BATCH}
+                        "positives": positives[-1]}
     return result
 
 
@@ -462,8 +475,8 @@ def _print_flops(ours: dict, tv: dict, num_instances: int) -> None:
         f"conv + matmul FLOPs per image, train step (forward + backward), batch {FLOPS_BATCH}, "
         f"{num_instances} instances, sources 480x640 / 640x480 at 800/1333; "
         f"mask head RoIs per image: ours {ours['mask_rois']} (static), torchvision "
-        + " / ".join(f"{tv[k]['positives'] / FLOPS_BATCH:.0f}" for k in FLOPS_SOURCES)
-        + " (its positives)"
+        + " / ".join(",".join(map(str, tv[k]["positives"])) for k in FLOPS_SOURCES)
+        + " (its positives per image)"
     )
     print(f"{'':44} {'conv GF':>8} {'matmul GF':>9} {'total GF':>9} {'vs tv':>6}")
 
@@ -480,6 +493,16 @@ def _print_flops(ours: dict, tv: dict, num_instances: int) -> None:
         row(f"ours after: {k} ({'x'.join(map(str, ours[k]['canvas']))})", [ours[k]])
     row("ours after: mean", [ours[k] for k in FLOPS_SOURCES])
     print(f"after / before (ours): {per(ours['landscape']) / per(ours['square']):.3f}")
+    # The mask head on the shortest prefix that holds every image's positives
+    # (mask_head_prefixes), at torchvision's positives on each orientation's batch.
+    sizes = ours["prefix_sizes"]
+    at = lambda k, size: ours[k]["by_prefix"][sizes.index(size)]
+    taken = {k: next(n for n in sizes if n >= max(tv[k]["positives"])) for k in FLOPS_SOURCES}
+    for k in FLOPS_SOURCES:
+        row(f"ours, mask head on {taken[k]} slots: {k}", [at(k, taken[k])])
+    row("ours, mask head on that prefix: mean", [at(k, taken[k]) for k in FLOPS_SOURCES])
+    for size in sizes:
+        row(f"ours, mask head on {size} slots: mean", [at(k, size) for k in FLOPS_SOURCES])
     loops = max(ours[k]["unknown_loop_flops"] for k in ("square", *FLOPS_SOURCES))
     customs = [c for k in ("square", *FLOPS_SOURCES) for c in ours[k]["uncounted_custom_calls"]]
     if loops or customs:
