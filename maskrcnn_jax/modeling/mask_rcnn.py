@@ -269,7 +269,9 @@ class MaskRCNN(nn.Module):
         inference but with the train-time top-n. Anchors are sampled for the
         RPN losses, RoIs (proposals + ground truth) for the box head, and the
         mask head runs on the first ``mask_rois_per_image`` RoI slots, which
-        hold the positives (see :func:`~maskrcnn_jax.targets.roi_targets`).
+        hold the positives (see :func:`~maskrcnn_jax.targets.roi_targets`);
+        of those, on the shortest of ``mask_head_prefixes`` static prefixes
+        that holds every image's positives, picked at run time.
         Sampling sizes and ``smooth_l1_beta`` come from the model config.
 
         Args:
