@@ -186,14 +186,29 @@ def _mask_head_rois(model, variables, batch, key) -> int:
     return next(n for n in sizes if n >= needed)
 
 
-def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
+def _time_ours(config, variables, batch, repeats: int, stat) -> dict:
+    """Our jitted, donated train step on ``batch`` (``_time_jax_step``), with the mask
+    head's slots on that batch (``_mask_head_rois``) and its static slots."""
     import jax
 
-    from experiments.coco_r50_fpn_1x import get_config
-    from maskrcnn_jax import ops, torchvision_weights, train, xla_options
+    from maskrcnn_jax import optim, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN
     from maskrcnn_jax.modeling.config import mask_slots_per_image
-    from maskrcnn_jax.optim import make_optimizer
+
+    optimizer = optim.make_optimizer(config, variables["params"])
+    # Jitted as in train.py: distinct buffers for the donated state's zero counters.
+    init_state = lambda v, k: train.create_train_state(v, optimizer, k)
+    state = jax.jit(init_state)(variables, jax.random.key(0))
+    model = MaskRCNN(config.model)
+    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
+    step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
+    return {**_time_jax_step(step, state, batch, repeats, stat), "mask_rois": rois,
+            "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
+
+
+def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
+    from experiments.coco_r50_fpn_1x import get_config
+    from maskrcnn_jax import ops, torchvision_weights
 
     sd = {k: v.numpy() for k, v in _torch_model().state_dict().items()}
     config = get_config()
@@ -221,15 +236,7 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int
         "is_crowd": np.zeros((2, num_instances), bool),
         "valid": np.ones((2, num_instances), bool),
     }
-    optimizer = make_optimizer(config, variables["params"])
-    # Jitted as in train.py: distinct buffers for the donated state's zero counters.
-    init_state = lambda v, k: train.create_train_state(v, optimizer, k)
-    state = jax.jit(init_state)(variables, jax.random.key(0))
-    model = MaskRCNN(config.model)
-    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
-    step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
-    return {**_time_jax_step(step, state, batch, repeats, np.median), "mask_rois": rois,
-            "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
+    return _time_ours(config, variables, batch, repeats, np.median)
 
 
 def run_torchvision(repeats: int, num_instances: int) -> dict:
@@ -271,9 +278,8 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int 
     import jax
 
     from experiments.shapes import get_config
-    from maskrcnn_jax import ops, optim, train, xla_options
-    from maskrcnn_jax.modeling import MaskRCNN, init_model
-    from maskrcnn_jax.modeling.config import mask_slots_per_image
+    from maskrcnn_jax import ops
+    from maskrcnn_jax.modeling import init_model
 
     config = get_config()
     config.model.backbone_width = width
@@ -300,15 +306,7 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int 
         "valid": np.arange(m)[None].repeat(SHAPES_B, 0) < n,
     }
     variables = init_model(config.model, jax.random.key(0), (SHAPES_HW, SHAPES_HW))
-    optimizer = optim.make_optimizer(config, variables["params"])
-    # Jitted as in train.py: distinct buffers for the donated state's zero counters.
-    init_state = lambda v, k: train.create_train_state(v, optimizer, k)
-    state = jax.jit(init_state)(variables, jax.random.key(0))
-    model = MaskRCNN(config.model)
-    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
-    step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
-    return {**_time_jax_step(step, state, batch, repeats, np.min), "mask_rois": rois,
-            "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
+    return _time_ours(config, variables, batch, repeats, np.min)
 
 
 def _torch_shapes_model():
