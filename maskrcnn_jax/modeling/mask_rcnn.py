@@ -52,6 +52,41 @@ from maskrcnn_jax.ops import FPN_STRIDES, generate_anchors, num_anchors_per_leve
 from maskrcnn_jax.targets import mask_targets, roi_targets, rpn_targets
 
 
+def on_shortest_prefix(
+    module: nn.Module,
+    occupied: jnp.ndarray,
+    prefixes: int,
+    branch,
+    *args,
+    remat: bool = False,
+):
+    """``branch(n)(module, *args)`` for the shortest static prefix n of the slots that
+    holds every image's occupied slots, picked at run time.
+
+    The candidates are :func:`~maskrcnn_jax.modeling.config.mask_head_prefix_sizes`
+    of the slot count; ``lax.switch`` (``nn.switch``) picks one. With one candidate
+    the branch runs directly, with no switch.
+
+    Args:
+      module: the module the branch runs on (its ``nn.switch`` scope).
+      occupied: [B, S] bool; each row's True slots fill a prefix of it
+        (positives in the RoI slots, valid detections).
+      prefixes: how many candidate prefixes (``model.mask_head_prefixes``).
+      branch: ``n -> fn(module, *args)``, every ``fn`` with the same output
+        shapes and dtypes.
+      remat: rematerialise each branch (``nn.remat``). For a branch that is
+        differentiated: JAX's derivative of a switch returns the residuals of
+        every branch from its forward, zero-filled for those not taken.
+    """
+    sizes = mask_head_prefix_sizes(occupied.shape[1], prefixes)
+    if len(sizes) == 1:
+        return branch(sizes[0])(module, *args)
+    needed = jnp.max(jnp.sum(occupied, axis=1))
+    index = jnp.searchsorted(jnp.asarray(sizes), needed)  # first prefix >= needed
+    wrap = nn.remat if remat else (lambda fn: fn)
+    return nn.switch(index, [wrap(branch(n)) for n in sizes], module, *args)
+
+
 def anchors_for(config: ml_collections.ConfigDict, image_size: Sequence[int]):
     """Anchors [A, 4] and anchors per level of a padded input (static, numpy).
 
@@ -351,8 +386,8 @@ class MaskRCNN(nn.Module):
                     gt_masks, gt_boxes, rois, matched[:, :n]
                 )  # [B, n, 28, 28]
                 labels, positive = labels[:, :n], positive[:, :n]
-                return MASK_MODES[mode](logits, labels, mask_t, positive), (
-                    logits, labels, mask_t, positive)
+                loss = MASK_MODES[mode](logits, labels, mask_t, positive)
+                return loss, (logits, labels, mask_t, positive)
 
             return run
 
@@ -360,27 +395,21 @@ class MaskRCNN(nn.Module):
             run = mask_branch(n)
             return lambda module, *args: run(module, *args)[0]
 
+        positive = roi_t.positive[:, :p]  # [B, p], a prefix of each row
         mask_args = (feats, roi_t.rois[:, :p], roi_t.matched[:, :p], roi_t.labels[:, :p],
-                     roi_t.positive[:, :p], targets["masks"], gt_boxes)  # fmt: skip
+                     positive, targets["masks"], gt_boxes)  # fmt: skip
         if self.is_mutable_collection("intermediates"):
             # Recorded for inspection (apply(..., mutable=["intermediates"])) on all p slots.
-            mask, (logits, labels, mask_t, positive) = mask_branch(p)(self, *mask_args)
-            self.sow("intermediates", "mask_logits", logits)
-            self.sow("intermediates", "mask_labels", labels)
-            self.sow("intermediates", "mask_targets", mask_t)
-            self.sow("intermediates", "mask_positive", positive)
+            mask, recorded = mask_branch(p)(self, *mask_args)
+            for name, value in zip(("logits", "labels", "targets", "positive"), recorded):
+                self.sow("intermediates", f"mask_{name}", value)
         else:
-            # The shortest static prefix that holds every image's positives
-            # (mask_head_prefix_sizes): slots after it carry no loss, so this is exact.
-            # Each branch is rematerialised: JAX's derivative of a switch otherwise
-            # returns the residuals of every branch from the forward one, zero-filled
-            # for the branches not taken, which cost more than the forward they save
-            # (XLA:CPU, shapes recipe).
-            sizes = mask_head_prefix_sizes(p, c.mask_head_prefixes)
-            needed = jnp.max(jnp.sum(roi_t.positive[:, :p], axis=1))
-            index = jnp.searchsorted(jnp.asarray(sizes), needed)
-            branches = [nn.remat(loss_only(n)) for n in sizes]
-            mask = nn.switch(index, branches, self, *mask_args)
+            # The slots after the shortest prefix that holds every image's positives
+            # carry no loss, so this is exact. Each branch is rematerialised: the
+            # zero-filled residuals of the branches not taken cost more than the
+            # forward they save (XLA:CPU, shapes recipe).
+            mask = on_shortest_prefix(self, positive, c.mask_head_prefixes, loss_only,
+                                      *mask_args, remat=True)  # fmt: skip
         return {
             "rpn_objectness_loss": rpn_obj,
             "rpn_box_loss": rpn_box,
@@ -468,7 +497,6 @@ class MaskRCNN(nn.Module):
         """
         d = boxes.shape[1]
         mode = self.mask_mode
-        counts = mask_head_prefix_sizes(d, self.config.mask_head_prefixes)  # e.g. 13 .. 100
 
         def branch(n):
             def run(module, feats, boxes, labels):
@@ -485,9 +513,8 @@ class MaskRCNN(nn.Module):
 
             return run
 
-        needed = jnp.max(jnp.sum(valid, axis=1))
-        index = jnp.searchsorted(jnp.asarray(counts), needed)  # first prefix >= needed
-        probs = nn.switch(index, [branch(n) for n in counts], self, features, boxes, labels)
+        probs = on_shortest_prefix(self, valid, self.config.mask_head_prefixes, branch,
+                                   features, boxes, labels)  # fmt: skip
         return jnp.where(valid[..., None, None], probs, 0.0)
 
     def initialize(self, images: jnp.ndarray, image_sizes: jnp.ndarray) -> Any:
