@@ -556,7 +556,7 @@ def test_mask_head_prefix_sizes():
 def test_mask_head_on_the_shortest_prefix_gives_the_loss_and_gradients_of_all_slots(
     tiny_train_batch, tiny_train_state
 ):
-    """``mask_head_prefixes`` (the default 4) against 1 (every slot), in one jit: the
+    """``mask_head_prefixes`` 4 (the default) against 1 (every slot, no switch), in one jit: the
     mask term and its gradient w.r.t. every parameter. The slots left out hold no
     positive, so their loss weights are 0 and only the summation order differs.
     Each gradient element sums at most N = B * p * 28 * 28 float32 terms (mask pixels;
@@ -566,7 +566,8 @@ def test_mask_head_on_the_shortest_prefix_gives_the_loss_and_gradients_of_all_sl
     than p, or the test would compare a computation with itself."""
     config, batch = tiny_train_batch
     state, _ = tiny_train_state
-    mc = config.model
+    mc = ml_collections.ConfigDict(config.model.to_dict())
+    mc.mask_head_prefixes = 4
     all_slots = ml_collections.ConfigDict(mc.to_dict())
     all_slots.mask_head_prefixes = 1
     key = jax.random.key(3)
