@@ -97,7 +97,7 @@ def get_model_config(**overrides: Any) -> ml_collections.ConfigDict:
         shortest that holds every image's positives (training) or
         detections (inference), so its cost follows them as torchvision's
         does. Exact: the slots left out carry no loss and no detection.
-        1 = always all slots.
+        1 = always all slots, with no switch.
       - ``smooth_l1_beta``: smooth-L1 beta of the RPN and box losses (1/9 as
         torchvision; 0 = L1 as Detectron2).
     """
