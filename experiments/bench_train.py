@@ -15,12 +15,12 @@ images (padded to 800x1088 by both) with the same ground-truth instances.
   ``torch.optim.SGD.step()``.
 
 ``--recipe shapes``: the ``make train`` recipe (``experiments/shapes.py``:
-GroupNorm ResNet-18, FPN 64 with GroupNorm, fc 256, mask head 64 with
+GroupNorm ResNet-18, FPN 64 with GroupNorm, fc 256, mask head 32 with
 GroupNorm, anchors 16-256, batch 8 at 128x128, 1000/256 proposals, 128
 anchors and 128 RoIs sampled per image, SGD with momentum) against a
-torchvision ``MaskRCNN`` built to match it (issue 15). torchvision's ResNet-18
-has width 64 only, so ours runs at ``--width`` (default 64; the recipe's own
-is 32). Random initialisation on both sides; eight images of three squares
+torchvision ``MaskRCNN`` built from the same config to match it (issue 15).
+torchvision's ResNet-18 has width 64 only, so ours runs at ``--width``
+(default 64; the recipe's own is 32). Random initialisation on both sides; eight images of three squares
 each.
 
 Each side runs in its own subprocess so that its peak resident memory
@@ -89,15 +89,17 @@ def _scene(num_instances: int, seed: int = 0):
                           radii=(20, 90), num_classes=91)  # fmt: skip
 
 
-def _time_jax_step(step, state, batch, repeats: int, stat) -> dict:
-    """Compiles the jitted ``step`` for ``batch``, warms up once, then ``stat`` of ``repeats``."""
+def _time_jax_step(step, state, batch, repeats: int, stat, warmup: int = 1):
+    """Compiles the jitted ``step`` for ``batch``, runs ``warmup`` untimed steps (at
+    least one), then ``stat`` of ``repeats``. Returns (result, the final state)."""
     import jax
 
     batch = jax.device_put(batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch)
+    for _ in range(max(warmup, 1)):
+        state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(repeats):
@@ -108,7 +110,7 @@ def _time_jax_step(step, state, batch, repeats: int, stat) -> dict:
     return {
         "step_s": float(stat(times)), "compile_s": compile_s, "loss": float(metrics["loss"]),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    }, state
 
 
 def _torch_inputs(images, masks, boxes, labels):
@@ -123,8 +125,9 @@ def _torch_inputs(images, masks, boxes, labels):
     return timgs, targets
 
 
-def _time_torch_step(model, opt, timgs, targets, repeats: int, stat) -> dict:
-    """One warm-up SGD step of torchvision's train mode, then ``stat`` of ``repeats`` steps."""
+def _time_torch_step(model, opt, timgs, targets, repeats: int, stat, warmup: int = 1) -> dict:
+    """``warmup`` untimed SGD steps (at least one) of torchvision's train mode, then
+    ``stat`` of ``repeats`` steps."""
 
     def step():
         loss = sum(model(timgs, targets).values())
@@ -133,7 +136,8 @@ def _time_torch_step(model, opt, timgs, targets, repeats: int, stat) -> dict:
         opt.step()
         return float(loss)
 
-    step()
+    for _ in range(max(warmup, 1)):
+        step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -168,9 +172,10 @@ def _torch_model():
     return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
 
 
-def _mask_head_rois(model, variables, batch, key) -> int:
-    """The mask head's slots per image on ``batch``: the static prefix that
-    ``mask_head_prefixes`` picks for its positives (all slots when it is 1)."""
+def _mask_head_rois(model, variables, batch, key) -> tuple[int, float]:
+    """The mask head's slots per image on ``batch``, the static prefix that
+    ``mask_head_prefixes`` picks for its positives (all slots when it is 1), and
+    the mean positives per image."""
     import jax
     import jax.numpy as jnp
 
@@ -181,14 +186,15 @@ def _mask_head_rois(model, variables, batch, key) -> int:
     _, inter = jax.jit(lambda v, b: model.apply(
         v, b["image"], b["image_size"], b, key, method=MaskRCNN.losses, mutable=["intermediates"]
     ))(variables, batch)  # fmt: skip
-    needed = int(jnp.max(jnp.sum(inter["intermediates"]["mask_positive"][0], axis=1)))
+    per_image = jnp.sum(inter["intermediates"]["mask_positive"][0], axis=1)
     sizes = mask_head_prefix_sizes(mask_slots_per_image(c), c.mask_head_prefixes)
-    return next(n for n in sizes if n >= needed)
+    return next(n for n in sizes if n >= int(jnp.max(per_image))), float(jnp.mean(per_image))
 
 
-def _time_ours(config, variables, batch, repeats: int, stat) -> dict:
+def _time_ours(config, variables, batch, repeats: int, stat, warmup: int = 1) -> dict:
     """Our jitted, donated train step on ``batch`` (``_time_jax_step``), with the mask
-    head's slots on that batch (``_mask_head_rois``) and its static slots."""
+    head's slots and positives on that batch after the timed steps (``_mask_head_rois``)
+    and its static slots."""
     import jax
 
     from maskrcnn_jax import optim, train, xla_options
@@ -200,13 +206,16 @@ def _time_ours(config, variables, batch, repeats: int, stat) -> dict:
     init_state = lambda v, k: train.create_train_state(v, optimizer, k)
     state = jax.jit(init_state)(variables, jax.random.key(0))
     model = MaskRCNN(config.model)
-    rois = _mask_head_rois(model, variables, batch, jax.random.key(1))
     step = xla_options.jit(train.make_train_step(model, config, optimizer), donate_argnums=(0,))
-    return {**_time_jax_step(step, state, batch, repeats, stat), "mask_rois": rois,
+    result, state = _time_jax_step(step, state, batch, repeats, stat, warmup)
+    rois, positives = _mask_head_rois(model, state.variables(), batch, jax.random.key(1))
+    return {**result, "mask_rois": rois, "positives": positives,
             "mask_slots": mask_slots_per_image(config.model)}  # fmt: skip
 
 
-def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
+def run_ours(
+    repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int = 0, warmup: int = 1
+) -> dict:
     from experiments.coco_r50_fpn_1x import get_config
     from maskrcnn_jax import ops, torchvision_weights
 
@@ -236,45 +245,55 @@ def run_ours(repeats: int, num_instances: int, mask_rois: int = 0, prefixes: int
         "is_crowd": np.zeros((2, num_instances), bool),
         "valid": np.ones((2, num_instances), bool),
     }
-    return _time_ours(config, variables, batch, repeats, np.median)
+    return _time_ours(config, variables, batch, repeats, np.median, warmup)
 
 
-def run_torchvision(repeats: int, num_instances: int) -> dict:
+def run_torchvision(repeats: int, num_instances: int, warmup: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_model().train()
     positives = _count_positives(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    result = _time_torch_step(model, opt, *_torch_inputs(*_scene(num_instances)), repeats, np.median)
-    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in positives[1:]]))}
+    inputs = _torch_inputs(*_scene(num_instances))
+    result = _time_torch_step(model, opt, *inputs, repeats, np.median, warmup)
+    timed = positives[max(warmup, 1):]
+    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in timed]))}
 
 
 SHAPES_B, SHAPES_HW, SHAPES_INSTANCES = 8, 128, 3
 
 
 def _shapes_scene(seed: int = 0):
-    """Eight 128x128 images of three filled squares: images, full masks, boxes, labels."""
+    """Eight 128x128 noise images, each with three squares filled with their class's
+    grey level (so the model can learn them): images, full masks, boxes, labels."""
     rng = np.random.default_rng(seed)
     images, masks, boxes, labels = [], [], [], []
     for _ in range(SHAPES_B):
         img = rng.integers(0, 255, size=(SHAPES_HW, SHAPES_HW, 3), dtype=np.uint8)
         m, b = [], []
-        for _ in range(SHAPES_INSTANCES):
+        lab = rng.integers(1, 4, size=SHAPES_INSTANCES).astype(np.int64)
+        for c in lab:
             s = int(rng.integers(16, 48))
             x0, y0 = (int(v) for v in rng.integers(0, SHAPES_HW - s, 2))
             mask = np.zeros((SHAPES_HW, SHAPES_HW), np.uint8)
             mask[y0 : y0 + s, x0 : x0 + s] = 1
+            img[y0 : y0 + s, x0 : x0 + s] = 64 * c
             m.append(mask)
             b.append([x0, y0, x0 + s, y0 + s])
+        # Later squares cover earlier ones: each mask keeps the pixels still its own.
+        for i in range(len(m) - 1):
+            m[i] = m[i] * (1 - np.max(m[i + 1 :], axis=0))
         images.append(img)
         masks.append(np.stack(m))
         boxes.append(np.asarray(b, np.float32))
-        labels.append(rng.integers(1, 4, size=SHAPES_INSTANCES).astype(np.int64))
+        labels.append(lab)
     return images, masks, boxes, labels
 
 
-def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int = 0) -> dict:
+def run_ours_shapes(
+    repeats: int, width: int, mask_rois: int = 0, prefixes: int = 0, warmup: int = 1
+) -> dict:
     import jax
 
     from experiments.shapes import get_config
@@ -283,6 +302,7 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int 
 
     config = get_config()
     config.model.backbone_width = width
+    config.train.warmup_steps = 0  # base_lr from the first step, as torchvision's side
     if mask_rois:
         config.model.mask_rois_per_image = mask_rois
     if prefixes:
@@ -306,10 +326,16 @@ def run_ours_shapes(repeats: int, width: int, mask_rois: int = 0, prefixes: int 
         "valid": np.arange(m)[None].repeat(SHAPES_B, 0) < n,
     }
     variables = init_model(config.model, jax.random.key(0), (SHAPES_HW, SHAPES_HW))
-    return _time_ours(config, variables, batch, repeats, np.min)
+    return _time_ours(config, variables, batch, repeats, np.min, warmup)
 
 
 def _torch_shapes_model():
+    """torchvision's ``MaskRCNN`` built to match ``experiments/shapes.py``'s model.
+
+    Read from our config: anchors, proposal counts, sampling, detections, the
+    FPN, fc and mask-head widths and the class count. Fixed by torchvision:
+    its ResNet-18 at width 64 (ours runs at ``--width``).
+    """
     import torch
     from torch import nn
     from torchvision.models import resnet18
@@ -320,35 +346,49 @@ def _torch_shapes_model():
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+    from experiments.shapes import get_config
+
+    m = get_config().model
     torch.manual_seed(0)
     gn = lambda c: nn.GroupNorm(32, c)
     body = resnet18(weights=None, norm_layer=gn)
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        [64, 128, 256, 512], 64, extra_blocks=LastLevelMaxPool(), norm_layer=gn,
+        [64, 128, 256, 512], m.fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=gn,
     )
-    anchors = AnchorGenerator(((16,), (32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes),
+                              (tuple(m.aspect_ratios),) * len(m.anchor_sizes))  # fmt: skip
     return MaskRCNN(
-        backbone, num_classes=None, min_size=128, max_size=128,
+        backbone, num_classes=None, min_size=m.min_size, max_size=m.max_size,
         rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=256,
-        rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=200,
-        rpn_batch_size_per_image=128, box_batch_size_per_image=128, box_detections_per_img=50,
-        box_head=TwoMLPHead(64 * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, 4),
-        mask_head=MaskRCNNHeads(64, [64] * 4, 1, norm_layer=gn),
-        mask_predictor=MaskRCNNPredictor(64, 64, 4),
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+        box_batch_size_per_image=m.roi_batch_size_per_image,
+        box_detections_per_img=m.detections_per_img,
+        box_head=TwoMLPHead(m.fpn_channels * m.box_roi_size**2, m.representation_size),
+        box_predictor=FastRCNNPredictor(m.representation_size, m.num_classes),
+        mask_head=MaskRCNNHeads(m.fpn_channels, [m.mask_head_dim] * 4, 1, norm_layer=gn),
+        mask_predictor=MaskRCNNPredictor(m.mask_head_dim, m.mask_head_dim, m.num_classes),
     )
 
 
-def run_torchvision_shapes(repeats: int) -> dict:
+def run_torchvision_shapes(repeats: int, warmup: int = 1) -> dict:
     import torch
+
+    from experiments.shapes import get_config
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_shapes_model().train()
     positives = _count_positives(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    result = _time_torch_step(model, opt, *_torch_inputs(*_shapes_scene()), repeats, np.min)
-    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in positives[1:]]))}
+    lr = get_config().train.base_lr  # ours: the same, with no LR warm-up in this bench
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    inputs = _torch_inputs(*_shapes_scene())
+    result = _time_torch_step(model, opt, *inputs, repeats, np.min, warmup)
+    timed = positives[max(warmup, 1):]
+    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in timed]))}
 
 
 FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like
@@ -518,6 +558,10 @@ def main() -> None:
                         help="model.mask_head_prefixes (0: the config's; 1: every slot always)")
     parser.add_argument("--recipe", choices=["r50", "shapes"], default="r50")
     parser.add_argument("--width", type=int, default=64, help="shapes: our backbone_width")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps on the batch before timing (default: r50 1, shapes "
+                             "30, so that both RPNs learn the scene and the mask heads run on "
+                             "the positives of a model in training, not at initialisation)")
     parser.add_argument("--flops", action="store_true",
                         help="count conv + matmul FLOPs per image instead of timing")
     parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
@@ -542,18 +586,22 @@ def main() -> None:
         _print_flops(results["ours"], results["torchvision"], args.instances)
         print(json.dumps(results))
         return
+    if args.warmup is None:
+        args.warmup = 30 if args.recipe == "shapes" else 1
     if args.only and args.recipe == "shapes":
         if args.only == "ours":
-            result = run_ours_shapes(args.repeats, args.width, args.mask_rois, args.mask_prefixes)
+            result = run_ours_shapes(args.repeats, args.width, args.mask_rois, args.mask_prefixes,
+                                     args.warmup)  # fmt: skip
         else:
-            result = run_torchvision_shapes(args.repeats)
+            result = run_torchvision_shapes(args.repeats, args.warmup)
         print(json.dumps(result))
         return
     if args.only:
         if args.only == "ours":
-            result = run_ours(args.repeats, args.instances, args.mask_rois, args.mask_prefixes)
+            result = run_ours(args.repeats, args.instances, args.mask_rois, args.mask_prefixes,
+                              args.warmup)  # fmt: skip
         else:
-            result = run_torchvision(args.repeats, args.instances)
+            result = run_torchvision(args.repeats, args.instances, args.warmup)
         print(json.dumps(result))
         return
     results = {}
@@ -562,7 +610,8 @@ def main() -> None:
             [sys.executable, "-m", "experiments.bench_train", "--only", which,
              "--repeats", str(args.repeats), "--instances", str(args.instances),
              "--mask-rois", str(args.mask_rois), "--recipe", args.recipe,
-             "--width", str(args.width), "--mask-prefixes", str(args.mask_prefixes)],
+             "--width", str(args.width), "--mask-prefixes", str(args.mask_prefixes),
+             "--warmup", str(args.warmup)],
             check=True, capture_output=True, text=True,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         )
@@ -573,11 +622,13 @@ def main() -> None:
             f"cpu cores={os.cpu_count()} recipe=shapes batch={SHAPES_B}"
             f" images={SHAPES_HW}x{SHAPES_HW}"
             f" width ours={args.width} torchvision=64; min s/step of {args.repeats}"
+            f" after {args.warmup} untimed steps"
         )
     else:
         print(
         f"cpu cores={os.cpu_count()} batch=2 images={HEIGHT}x{WIDTH} instances={args.instances}"
-        f" mask_rois_per_image={args.mask_rois or 128}"
+        f" mask_rois_per_image={args.mask_rois or 128}; median s/step of {args.repeats}"
+        f" after {args.warmup} untimed steps"
     )
     print(f"{'':12} {'s/step':>8} {'compile s':>10} {'peak MB':>8}")
     print(f"{'ours':12} {ours['step_s']:8.2f} {ours['compile_s']:10.1f} {ours['peak_mb']:8.0f}")
@@ -585,8 +636,9 @@ def main() -> None:
     print(f"ratio ours/torchvision: {ours['step_s'] / tv['step_s']:.2f}")
     print(
         f"mask head RoIs per image: ours {ours['mask_rois']} of {ours['mask_slots']} static slots"
-        f" (the prefix its positives take at the first step), torchvision {tv['mask_rois']:.1f}"
-        " (its positives, mean of the timed steps; they grow as its RPN learns)"
+        f" (the prefix its {ours['positives']:.1f} positives per image take after the timed"
+        f" steps), torchvision {tv['mask_rois']:.1f} (its positives, mean of the timed steps;"
+        " they grow as its RPN learns)"
     )
 
 

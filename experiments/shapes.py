@@ -28,7 +28,13 @@ def get_config():
         detections_per_img=50,
         box_candidates=500,
         representation_size=256,
-        mask_head_dim=64,
+        # 32, not 64: once the RPN has learnt, every image fills its 32 mask slots, and the
+        # four 14x14 convs at 64 channels were 0.6 s of the 1.4 s step. At 32 the same
+        # 500 steps reach the same AP (README, Performance).
+        mask_head_dim=32,
+        # Every slot, no switch: after the first steps the positives fill the slots, where
+        # the shortest-prefix switch only adds its remat forward (and doubles the compile).
+        mask_head_prefixes=1,
         min_size=128,
         max_size=128,
         # Gather-free RoIAlign: on the small maps here (P2 is 32x32) its matrix products beat
