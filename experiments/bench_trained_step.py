@@ -1,0 +1,132 @@
+"""Train-step time of model-config variants at a trained checkpoint, interleaved.
+
+Run (from the repository root, after `make train` has written runs/shapes):
+  .venv/bin/python -m experiments.bench_trained_step --workdir runs/shapes \
+      mask_head_prefixes=4 mask_head_prefixes=1 mask_head_prefixes=1,mask_rois_per_image=8
+
+A model at initialisation is not a model in training: its RPN proposes noise, so few
+RoIs are positive and the mask head runs on few of them. After a few hundred steps
+every image fills its mask slots. This restores the latest checkpoint of ``--workdir``
+(trained with ``--config``), takes ``--batches`` batches of that config's training
+data, compiles the train step once per variant (``model`` config overrides,
+``key=value`` joined by commas; each variant must keep the checkpoint's parameter
+shapes), then times the variants in turn on the same batches, ``--rounds`` times,
+the state not donated so that every step starts from the checkpoint. Prints each
+variant's compile time, min and median seconds per step, and the mask head's
+positives per image on those batches (mean and max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import time
+
+import numpy as np
+
+
+def _override(config, variant: str):
+    """``config`` with the ``model`` overrides of ``variant`` (``a=1,b=2``; ``""``: none)."""
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if key not in config.model:
+            raise SystemExit(f"error: variant {variant!r}: unknown model config field {key!r}")
+        config.model[key] = ast.literal_eval(value)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="a work dir with train checkpoints")
+    parser.add_argument("--config", default="experiments/shapes.py")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("variants", nargs="*", default=["mask_head_prefixes=4", ""])
+    args = parser.parse_args()
+
+    import jax
+
+    from experiments.ablations import load_config
+    from maskrcnn_jax import checkpoint as ckpt
+    from maskrcnn_jax import data, optim, sharding, train, xla_options
+    from maskrcnn_jax.modeling import MaskRCNN, init_model
+
+    manager = ckpt.make_manager(
+        os.path.join(os.path.abspath(args.workdir), ckpt.CHECKPOINT_SUBDIR),
+        item_names=ckpt.TRAIN_ITEMS,
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise SystemExit(f"error: --workdir {args.workdir}: no train checkpoint")
+    mesh = sharding.make_mesh(None)
+    try:
+        base = load_config(args.config)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    with data.make_train_iterator(
+        train._data_config(base, os.path.abspath(args.workdir)), seed=base.seed + 1,
+        batch_size=base.train.batch_size,
+    ) as batches:  # fmt: skip
+        batch_list = []
+        for _ in range(args.batches):
+            local = next(batches)
+            batch_list.append(
+                sharding.global_batch({k: local[k] for k in train.TRAIN_KEYS}, mesh)
+            )
+    canvas = tuple(batch_list[0]["image"].shape[1:3])
+
+    runs = {}
+    for variant in args.variants:
+        config = _override(load_config(args.config), variant)
+        model = MaskRCNN(config.model)
+        k_init, k_train = jax.random.split(jax.random.key(config.seed))
+        shapes = jax.eval_shape(lambda k: init_model(config.model, k, canvas), k_init)
+        optimizer = optim.make_optimizer(config, shapes["params"])
+        abstract = jax.eval_shape(
+            lambda v, k: train.create_train_state(v, optimizer, k), shapes, k_train
+        )
+        state_sharding = sharding.tree_replicated(abstract, mesh)
+        state, _ = ckpt.restore_train_state(manager, step, abstract, state_sharding)
+        step_fn = xla_options.jit(
+            train.make_train_step(model, config, optimizer),
+            in_shardings=(state_sharding, sharding.data_sharded(mesh)),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+        )
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch_list[0]).compile()
+        compile_s = time.perf_counter() - t0
+        positives = jax.jit(
+            lambda v, b: model.apply(
+                v, b["image"], b["image_size"], b, jax.random.key(1),
+                method=MaskRCNN.losses, mutable=["intermediates"],
+            )[1]["intermediates"]["mask_positive"][0].sum(axis=1)
+        )  # fmt: skip
+        per_image = np.concatenate(
+            [np.asarray(positives(state.variables(), b)) for b in batch_list]
+        )
+        runs[variant] = (compiled, state, compile_s, per_image)
+
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            compiled, state = runs[variant][:2]
+            for b in batch_list:
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(state, b)[1])
+                times[variant].append(time.perf_counter() - t0)
+
+    print(f"checkpoint step {step} of {args.workdir}; {args.batches} batches x {args.rounds} "
+          f"rounds; cpu cores={os.cpu_count()}")  # fmt: skip
+    print(f"{'variant':48} {'compile s':>9} {'min s':>6} {'median s':>8} {'positives':>10}")
+    for variant in args.variants:
+        _, _, compile_s, per_image = runs[variant]
+        t = times[variant]
+        print(
+            f"{variant or '(the config)':48} {compile_s:9.1f} {min(t):6.2f} "
+            f"{float(np.median(t)):8.2f} {per_image.mean():5.1f}/{per_image.max():<4d}"
+        )
+
+
+if __name__ == "__main__":
+    main()
