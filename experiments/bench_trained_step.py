@@ -32,18 +32,27 @@ def _override(config, variant: str):
         key, _, value = item.partition("=")
         if key not in config.model:
             raise SystemExit(f"error: variant {variant!r}: unknown model config field {key!r}")
-        config.model[key] = ast.literal_eval(value)
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(
+                f"error: variant {variant!r}: {key}={value!r} is not a Python literal"
+            ) from None
+        try:
+            config.model[key] = parsed
+        except TypeError as e:  # ml_collections keeps each field's type
+            raise SystemExit(f"error: variant {variant!r}: {key}={value!r}: {e}") from None
     return config
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a work dir with train checkpoints")
     parser.add_argument("--config", default="experiments/shapes.py")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("variants", nargs="*", default=["mask_head_prefixes=4", ""])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import jax
 
@@ -52,18 +61,19 @@ def main() -> None:
     from maskrcnn_jax import data, optim, sharding, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN, init_model
 
-    manager = ckpt.make_manager(
-        os.path.join(os.path.abspath(args.workdir), ckpt.CHECKPOINT_SUBDIR),
-        item_names=ckpt.TRAIN_ITEMS,
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise SystemExit(f"error: --workdir {args.workdir}: no train checkpoint")
-    mesh = sharding.make_mesh(None)
     try:
         base = load_config(args.config)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    configs = {v: _override(load_config(args.config), v) for v in args.variants}
+    checkpoints = os.path.join(os.path.abspath(args.workdir), ckpt.CHECKPOINT_SUBDIR)
+    if not os.path.isdir(checkpoints):
+        raise SystemExit(f"error: --workdir {args.workdir}: no train checkpoint in {checkpoints}")
+    manager = ckpt.make_manager(checkpoints, item_names=ckpt.TRAIN_ITEMS)
+    step = manager.latest_step()
+    if step is None:
+        raise SystemExit(f"error: --workdir {args.workdir}: no train checkpoint in {checkpoints}")
+    mesh = sharding.make_mesh(None)
     with data.make_train_iterator(
         train._data_config(base, os.path.abspath(args.workdir)), seed=base.seed + 1,
         batch_size=base.train.batch_size,
@@ -78,7 +88,7 @@ def main() -> None:
 
     runs = {}
     for variant in args.variants:
-        config = _override(load_config(args.config), variant)
+        config = configs[variant]
         model = MaskRCNN(config.model)
         k_init, k_train = jax.random.split(jax.random.key(config.seed))
         shapes = jax.eval_shape(lambda k: init_model(config.model, k, canvas), k_init)
