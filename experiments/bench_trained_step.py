@@ -97,7 +97,14 @@ def main(argv: list[str] | None = None) -> None:
             lambda v, k: train.create_train_state(v, optimizer, k), shapes, k_train
         )
         state_sharding = sharding.tree_replicated(abstract, mesh)
-        state, _ = ckpt.restore_train_state(manager, step, abstract, state_sharding)
+        try:
+            state, _ = ckpt.restore_train_state(manager, step, abstract, state_sharding)
+        except (ValueError, TypeError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SystemExit(
+                f"error: variant {variant!r}: the step-{step} checkpoint in {checkpoints} does "
+                f"not fit its model (a variant must keep the parameter shapes): {first}"
+            ) from None
         step_fn = xla_options.jit(
             train.make_train_step(model, config, optimizer),
             in_shardings=(state_sharding, sharding.data_sharded(mesh)),
