@@ -127,3 +127,19 @@ def test_bfloat16_features():
     # |f| < ~4: rounding the features to bfloat16 moves them by < 4 * 2**-9,
     # and the output's own rounding by < 4 * 2**-9 again: 1.6e-2 < 5e-2.
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=5e-2)
+
+
+@pytest.mark.parametrize("num_boxes", [1, 2, 5, 8])
+def test_pooling_loop_stitches_the_boxes_back_in_order(num_boxes):
+    # The forward pools the boxes in two trips of a loop (R padded to even) so that its
+    # output is written once (roi_align._pool_materialised): each box's value must be the
+    # one a single vmapped pass gives, bit for bit (the same taps, summed in the same order).
+    from maskrcnn_jax.ops.roi_align import _pool_materialised, _pool_unrolled
+
+    rng = np.random.default_rng(num_boxes)
+    features = jnp.asarray(rng.normal(size=(2, 30, 3)).astype(np.float32))
+    index = jnp.asarray(rng.integers(0, 30, size=(2, num_boxes, 2, 3, 4)), jnp.int32)
+    weight = jnp.asarray(rng.uniform(size=(2, num_boxes, 2, 3, 4)).astype(np.float32))
+    out = jax.jit(_pool_materialised)(features, index, weight)
+    chex.assert_shape(out, (2, num_boxes, 2, 3, 3))
+    np.testing.assert_array_equal(out, jax.jit(jax.vmap(_pool_unrolled))(features, index, weight))
