@@ -20,8 +20,8 @@ GroupNorm, anchors 16-256, batch 8 at 128x128, 1000/256 proposals, 128
 anchors and 128 RoIs sampled per image, SGD with momentum) against a
 torchvision ``MaskRCNN`` built from the same config to match it (issue 15).
 torchvision's ResNet-18 has width 64 only, so ours runs at ``--width``
-(default 64; the recipe's own is 32). Random initialisation on both sides; eight images of three squares
-each.
+(default 64; the recipe's own is 32). Random initialisation on both sides,
+then ``--warmup`` untimed steps; eight images of three squares each.
 
 Each side runs in its own subprocess so that its peak resident memory
 (``ru_maxrss``) is its own. Reported: compile time (ours), steady-state median
@@ -164,6 +164,12 @@ def _count_positives(model) -> list[list[int]]:
     return positives
 
 
+def _timed_positives(positives: list[list[int]], warmup: int) -> float:
+    """Mean positives per image over the calls after the warm-up (at least one
+    untimed call precedes the timed steps, see ``_time_torch_step``)."""
+    return float(np.mean([np.mean(p) for p in positives[max(warmup, 1) :]]))
+
+
 def _torch_model():
     import torch
     import torchvision
@@ -172,23 +178,29 @@ def _torch_model():
     return torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
 
 
+def mask_positives(model, variables, batch, key) -> np.ndarray:
+    """[B] int: the mask head's positive RoIs of each image of ``batch`` (one forward
+    of the losses, sampling with ``key``)."""
+    import jax
+
+    from maskrcnn_jax.modeling import MaskRCNN
+
+    _, inter = jax.jit(lambda v, b: model.apply(
+        v, b["image"], b["image_size"], b, key, method=MaskRCNN.losses, mutable=["intermediates"]
+    ))(variables, batch)  # fmt: skip
+    return np.asarray(inter["intermediates"]["mask_positive"][0]).sum(axis=1)
+
+
 def _mask_head_rois(model, variables, batch, key) -> tuple[int, float]:
     """The mask head's slots per image on ``batch``, the static prefix that
     ``mask_head_prefixes`` picks for its positives (all slots when it is 1), and
     the mean positives per image."""
-    import jax
-    import jax.numpy as jnp
-
-    from maskrcnn_jax.modeling import MaskRCNN
     from maskrcnn_jax.modeling.config import mask_head_prefix_sizes, mask_slots_per_image
 
     c = model.config
-    _, inter = jax.jit(lambda v, b: model.apply(
-        v, b["image"], b["image_size"], b, key, method=MaskRCNN.losses, mutable=["intermediates"]
-    ))(variables, batch)  # fmt: skip
-    per_image = jnp.sum(inter["intermediates"]["mask_positive"][0], axis=1)
+    per_image = mask_positives(model, variables, batch, key)
     sizes = mask_head_prefix_sizes(mask_slots_per_image(c), c.mask_head_prefixes)
-    return next(n for n in sizes if n >= int(jnp.max(per_image))), float(jnp.mean(per_image))
+    return next(n for n in sizes if n >= int(per_image.max())), float(per_image.mean())
 
 
 def _time_ours(config, variables, batch, repeats: int, stat, warmup: int = 1) -> dict:
@@ -257,8 +269,7 @@ def run_torchvision(repeats: int, num_instances: int, warmup: int = 1) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     inputs = _torch_inputs(*_scene(num_instances))
     result = _time_torch_step(model, opt, *inputs, repeats, np.median, warmup)
-    timed = positives[max(warmup, 1):]
-    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in timed]))}
+    return {**result, "mask_rois": _timed_positives(positives, warmup)}
 
 
 SHAPES_B, SHAPES_HW, SHAPES_INSTANCES = 8, 128, 3
@@ -387,8 +398,7 @@ def run_torchvision_shapes(repeats: int, warmup: int = 1) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     inputs = _torch_inputs(*_shapes_scene())
     result = _time_torch_step(model, opt, *inputs, repeats, np.min, warmup)
-    timed = positives[max(warmup, 1):]
-    return {**result, "mask_rois": float(np.mean([np.mean(p) for p in timed]))}
+    return {**result, "mask_rois": _timed_positives(positives, warmup)}
 
 
 FLOPS_SOURCES = {"landscape": (480, 640), "portrait": (640, 480)}  # (h, w), COCO-like

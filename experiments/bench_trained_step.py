@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     import jax
 
     from experiments.ablations import load_config
+    from experiments.bench_train import mask_positives
     from maskrcnn_jax import checkpoint as ckpt
     from maskrcnn_jax import data, optim, sharding, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN, init_model
@@ -113,15 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batch_list[0]).compile()
         compile_s = time.perf_counter() - t0
-        positives = jax.jit(
-            lambda v, b: model.apply(
-                v, b["image"], b["image_size"], b, jax.random.key(1),
-                method=MaskRCNN.losses, mutable=["intermediates"],
-            )[1]["intermediates"]["mask_positive"][0].sum(axis=1)
-        )  # fmt: skip
-        per_image = np.concatenate(
-            [np.asarray(positives(state.variables(), b)) for b in batch_list]
-        )
+        per_image = np.concatenate([
+            mask_positives(model, state.variables(), b, jax.random.key(1)) for b in batch_list
+        ])  # fmt: skip
         runs[variant] = (compiled, state, compile_s, per_image)
 
     times: dict[str, list[float]] = {v: [] for v in args.variants}
