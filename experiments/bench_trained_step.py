@@ -14,6 +14,12 @@ shapes), then times the variants in turn on the same batches, ``--rounds`` times
 the state not donated so that every step starts from the checkpoint. Prints each
 variant's compile time, min and median seconds per step, and the mask head's
 positives per image on those batches (mean and max).
+
+``--trace DIR`` then traces ``--trace_steps`` steps of each variant with
+``jax.profiler`` (into ``DIR/<variant number>``) and prints where they went:
+milliseconds a step per model part, forward and backward, and the costliest HLO
+instructions with the JAX code they came from (``experiments/trace_breakdown.py``;
+XLA's own convolutions are not trace events, so the parts sum to less than the step).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="experiments/shapes.py")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trace", default="", help="trace each variant's steps into DIR")
+    parser.add_argument("--trace_steps", type=int, default=3)
     parser.add_argument("variants", nargs="*", default=["mask_head_prefixes=4", ""])
     args = parser.parse_args(argv)
 
@@ -138,6 +146,27 @@ def main(argv: list[str] | None = None) -> None:
             f"{variant or '(the config)':48} {compile_s:9.1f} {min(t):6.2f} "
             f"{float(np.median(t)):8.2f} {per_image.mean():5.1f}/{per_image.max():<4d}"
         )
+    if args.trace:
+        _trace(args.trace, args.trace_steps, args.variants, runs, batch_list)
+
+
+def _trace(trace_dir: str, steps: int, variants, runs, batch_list) -> None:
+    """Traces ``steps`` steps of each variant and prints their breakdown."""
+    import jax
+
+    from experiments import trace_breakdown
+
+    for number, variant in enumerate(variants):
+        compiled, state = runs[variant][:2]
+        names = trace_breakdown.hlo_op_names(compiled.as_text())
+        directory = os.path.join(trace_dir, str(number))
+        jax.profiler.start_trace(directory)
+        for i in range(steps):
+            jax.block_until_ready(compiled(state, batch_list[i % len(batch_list)])[1])
+        jax.profiler.stop_trace()
+        per_instruction, per_part = trace_breakdown.summarize(directory, names, steps)
+        print(f"\n== {variant or '(the config)'}: {steps} traced steps in {directory}")
+        print(trace_breakdown.format_summary(per_instruction, per_part, names))
 
 
 if __name__ == "__main__":

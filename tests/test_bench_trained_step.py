@@ -51,3 +51,48 @@ def test_missing_config_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         bench_trained_step.main(["--workdir", str(tmp_path), "--config", str(tmp_path / "x.py")])
     assert str(exc.value) == f"error: --config {tmp_path / 'x.py'}: no such file"
+
+
+def test_trace_breakdown_sums_a_jitted_gradient_by_part(tmp_path):
+    # A real trace of a small jitted gradient: its instructions carry op_names under
+    # "MaskRCNN.box_head" (forward) and "transpose(jvp(...))" (backward), and the
+    # breakdown must find both among the trace's events.
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import trace_breakdown
+
+    def loss(w, x):
+        with jax.named_scope("MaskRCNN.box_head"):
+            y = jnp.tanh(x @ w)
+        return jnp.sum(jnp.sort(y, axis=0) ** 2)
+
+    step = jax.jit(jax.grad(loss))
+    w, x = jnp.ones((64, 64)) / 64, jnp.arange(256 * 64.0).reshape(256, 64) / 1e4
+    compiled = step.lower(w, x).compile()
+    names = trace_breakdown.hlo_op_names(compiled.as_text())
+    assert any("MaskRCNN.box_head" in n for n in names.values())
+    jax.block_until_ready(compiled(w, x))
+    jax.profiler.start_trace(str(tmp_path))
+    for _ in range(2):
+        jax.block_until_ready(compiled(w, x))
+    jax.profiler.stop_trace()
+    per_instruction, per_part = trace_breakdown.summarize(str(tmp_path), names, steps=2)
+    assert per_instruction and set(per_instruction) <= set(names)
+    assert {d for _, d in per_part} == {"forward", "backward"}
+    assert ("box_head", "backward") in per_part
+    text = trace_breakdown.format_summary(per_instruction, per_part, names)
+    assert text.startswith("traced instructions: ")
+
+
+def test_part_of_names_module_and_direction():
+    part_of = __import__("experiments.trace_breakdown", fromlist=["part_of"]).part_of
+    assert part_of(
+        "jit(train_step)/transpose(jvp(MaskRCNN.losses))/MaskRCNN.mask_head/roi_mask_head/x"
+    ) == ("mask_head", "backward")
+    assert part_of("jit(train_step)/jvp(MaskRCNN.losses)/MaskRCNN.proposals/sort") == (
+        "proposals", "forward",
+    )
+    assert part_of("jit(train_step)/jvp(MaskRCNN.losses)/vmap(jit(argsort))/sort") == (
+        "argsort/sort", "forward",
+    )
