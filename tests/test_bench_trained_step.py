@@ -86,7 +86,8 @@ def test_trace_breakdown_sums_a_jitted_gradient_by_part(tmp_path):
 
 
 def test_part_of_names_module_and_direction():
-    part_of = __import__("experiments.trace_breakdown", fromlist=["part_of"]).part_of
+    from experiments.trace_breakdown import part_of
+
     assert part_of(
         "jit(train_step)/transpose(jvp(MaskRCNN.losses))/MaskRCNN.mask_head/roi_mask_head/x"
     ) == ("mask_head", "backward")
