@@ -253,8 +253,12 @@ def test_overfits_a_handful_of_images(tmp_path, tiny_experiment_config):
     """A tiny model memorises 8 shapes images: losses collapse, masks match."""
     from maskrcnn_jax.inference import Predictor
 
+    # One device: this test is about learning, and test_eight_devices_equal_one covers
+    # the sharding. Eight simulated devices on two cores compile a longer program and run
+    # each step slower (40 tiny steps: 99 s against 62 s in all).
     config = tiny_experiment_config(
-        steps=200, base_lr=0.02, warmup_steps=10, decay_steps=(170,), clip_norm=10.0
+        steps=200, base_lr=0.02, warmup_steps=10, decay_steps=(170,), clip_norm=10.0,
+        num_devices=1,
     )
     config.dataset.shapes.num_train = 8
     config.dataset.flip = False
