@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from maskrcnn_jax.ops import box_area, box_iou, encode_boxes
 from maskrcnn_jax.ops.boxes import ROI_BOX_WEIGHTS, RPN_BOX_WEIGHTS
-from maskrcnn_jax.ops.roi_align import roi_align_levels
+from maskrcnn_jax.ops.roi_geometry import bilinear_matrix, check_sampling_ratio, sample_points
 
 
 class Assignment(enum.IntEnum):
@@ -265,9 +265,38 @@ def mask_targets(
     Returns:
       [R, mask_size, mask_size] float32 in {0, 1}.
     """
-    g, s = gt_masks.shape[0], gt_masks.shape[1]
+    values = mask_target_values(gt_masks, gt_boxes, rois, matched, mask_size, sampling_ratio)
+    return (values >= 0.5).astype(jnp.float32)
+
+
+def mask_target_values(
+    gt_masks: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    rois: jnp.ndarray,
+    matched: jnp.ndarray,
+    mask_size: int = 28,
+    sampling_ratio: int = 2,
+) -> jnp.ndarray:
+    """:func:`mask_targets` before the threshold: RoIAlign of each RoI's matched crop.
+
+    One channel, and a RoI's samples lie on a grid, so RoIAlign is separable:
+    ``Ay @ crop @ Ax.T`` with [mask_size, S + 2] interpolation matrices per RoI
+    (:func:`~maskrcnn_jax.ops.roi_geometry.bilinear_matrix`), the same value as
+    ``roi_align_levels`` on the crops up to float32 summation order. Its gathers
+    of 16 one-value taps per target pixel took 51 ms of the shapes recipe's step
+    (8 x 32 RoIs, 28x28 crops); the two small products take 4 ms. ``HIGHEST``
+    precision keeps the products float32 on TPU and GPU, where the threshold
+    would otherwise see bf16 or tf32 rounding.
+
+    Args:
+      gt_masks: [G, S, S]; gt_boxes: [G, 4] xyxy; rois: [R, 4] xyxy; matched: [R] int.
+
+    Returns:
+      [R, mask_size, mask_size] float32 in [0, 1].
+    """
+    sampling_ratio = check_sampling_ratio(sampling_ratio)
+    s = gt_masks.shape[1]
     padded = jnp.pad(gt_masks.astype(jnp.float32), ((0, 0), (1, 1), (1, 1)))
-    flat = padded.reshape(1, g * (s + 2) * (s + 2), 1)
     box = gt_boxes[matched]  # [R, 4]
     scale_x = s / jnp.maximum(box[:, 2] - box[:, 0], 1e-6)
     scale_y = s / jnp.maximum(box[:, 3] - box[:, 1], 1e-6)
@@ -279,9 +308,13 @@ def mask_targets(
             (rois[:, 3] - box[:, 1]) * scale_y + 1,
         ],
         axis=-1,
-    )
-    out = roi_align_levels(
-        flat, local[None], matched[None], [(s + 2, s + 2)] * g, [1.0] * g,
-        mask_size, sampling_ratio, aligned=True,
-    )
-    return (out[0, ..., 0] >= 0.5).astype(jnp.float32)
+    )  # In the padded crop's pixels.
+
+    def matrices(roi):
+        ys, xs = sample_points(roi, 1.0, (mask_size, mask_size), sampling_ratio, True)
+        return bilinear_matrix(ys, s + 2), bilinear_matrix(xs, s + 2)
+
+    along_y, along_x = jax.vmap(matrices)(local)  # [R, mask_size, S + 2] each
+    highest = jax.lax.Precision.HIGHEST
+    rows = jnp.einsum("riy,ryx->rix", along_y, padded[matched], precision=highest)
+    return jnp.einsum("rix,rjx->rij", rows, along_x, precision=highest)

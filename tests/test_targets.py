@@ -1,6 +1,7 @@
 """Matching, sampling and mask targets (torchvision's Matcher as reference)."""
 
 import chex
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import torchvision
 from torchvision.models.detection._utils import Matcher
 
 from maskrcnn_jax import ops, targets
+from maskrcnn_jax.ops.roi_align import roi_align_levels
 from maskrcnn_jax.targets import Assignment
 from tests.torch_ref import random_boxes
 
@@ -90,6 +92,48 @@ def test_roi_targets_layout():
 def _disk_mask(h, w, cy, cx, r):
     yy, xx = np.mgrid[:h, :w]
     return ((yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= r * r).astype(np.float32)
+
+
+@pytest.mark.parametrize("crop", [28, 56])
+def test_separable_mask_targets_equal_roi_align_of_the_crops(crop):
+    """``Ay @ crop @ Ax.T`` gives what the gather RoIAlign gives on the padded crops.
+
+    RoIs scattered around their boxes, partly outside them, some smaller than a crop
+    pixel. Both sides sum products of weights <= 1 with 0/1 pixels: the gathers 16
+    terms (about 18 float32 roundings), the products up to 2 x (S + 2) terms plus the
+    matrices' 4 (at most 2 x 58 + 4 roundings at S = 56), so they agree within
+    120 * 2**-24 = 7.2e-6, and the thresholded targets agree wherever the value is
+    farther than that from 0.5.
+    """
+    rng = np.random.default_rng(3)
+    g, r = 5, 64
+    crops = (rng.random((g, crop, crop)) > 0.5).astype(np.float32)
+    xy = rng.uniform(0, 80, (g, 2))
+    gt_boxes = np.concatenate([xy, xy + rng.uniform(3, 60, (g, 2))], -1).astype(np.float32)
+    matched = rng.integers(0, g, r).astype(np.int32)
+    rois = gt_boxes[matched] + rng.normal(scale=8, size=(r, 4)).astype(np.float32)
+    rois[::7, 2:] = rois[::7, :2] + rng.uniform(0.1, 1.0, (len(rois[::7]), 2))  # tiny RoIs
+
+    values = np.asarray(jax.jit(targets.mask_target_values)(crops, gt_boxes, rois, matched))
+
+    # The same RoIAlign by gathers: every padded crop is a level of its own.
+    padded = np.pad(crops, ((0, 0), (1, 1), (1, 1))).reshape(1, -1, 1)
+    box = gt_boxes[matched]
+    scale = crop / (box[:, 2:] - box[:, :2])
+    local = np.concatenate(
+        [(rois[:, :2] - box[:, :2]) * scale + 1, (rois[:, 2:] - box[:, :2]) * scale + 1], -1
+    )
+    ref = roi_align_levels(
+        jnp.asarray(padded), jnp.asarray(local[None]), jnp.asarray(matched[None]),
+        [(crop + 2, crop + 2)] * g, [1.0] * g, 28, 2, aligned=True,
+    )[0, ..., 0]  # fmt: skip
+    ref = np.asarray(ref)
+    tol = 120 * 2.0**-24
+    np.testing.assert_allclose(values, ref, rtol=0, atol=tol)
+    assert 0.05 < (values > 0.5).mean() < 0.95  # Both classes of pixel occur.
+    clear = np.abs(ref - 0.5) > tol
+    binary = np.asarray(targets.mask_targets(crops, gt_boxes, rois, matched))
+    np.testing.assert_array_equal(binary[clear], (ref >= 0.5)[clear])
 
 
 def test_mask_targets_from_cropped_masks_match_full_resolution():

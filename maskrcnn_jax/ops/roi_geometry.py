@@ -108,6 +108,29 @@ def bilinear_axis(coords: jnp.ndarray, size: jnp.ndarray):
     return low, high, (1.0 - frac) * inside, frac * inside
 
 
+def bilinear_matrix(coords: jnp.ndarray, size: int) -> jnp.ndarray:
+    """Dense bilinear interpolation along one axis, averaged over each bin's samples.
+
+    Row ``i`` holds the weights that :func:`bilinear_axis` gives ``coords[i]``'s
+    samples, each divided by their count ``g`` and scattered onto the ``size``
+    pixels, so ``matrix @ column`` is RoIAlign along that axis (torchvision's
+    rules, edges included).
+
+    Args:
+      coords: [n, g] float sample positions (``sample_points``'s ys or xs).
+      size: static int, pixels along the axis.
+
+    Returns:
+      [n, size] float32.
+    """
+    low, high, w_low, w_high = bilinear_axis(coords, jnp.int32(size))
+    pixels = jnp.arange(size)
+    onto = w_low[..., None] * (low[..., None] == pixels) + w_high[..., None] * (
+        high[..., None] == pixels
+    )  # [n, g, size]
+    return onto.sum(axis=1) / coords.shape[-1]
+
+
 def sample_points(
     box: jnp.ndarray,
     spatial_scale: jnp.ndarray,
