@@ -16,7 +16,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from maskrcnn_jax.modeling.layers import ConvNorm
 from maskrcnn_jax.ops import RPN_BOX_WEIGHTS, clip_boxes, decode_boxes, nms
@@ -72,25 +71,20 @@ class RPNHead(nn.Module):
         return objectness, jnp.concatenate(deltas, axis=1).astype(jnp.float32)
 
 
-def _top_per_level(objectness: jnp.ndarray, level_sizes: Sequence[int], pre_nms_top_n: int):
-    """Best ``pre_nms_top_n`` anchors of each level, padded to a common count.
+def _top_per_level(
+    objectness: jnp.ndarray, level_sizes: Sequence[int], pre_nms_top_n: int
+) -> list[tuple[jnp.ndarray, jnp.ndarray]]:
+    """Best ``min(pre_nms_top_n, n_l)`` anchors of each level, best first.
 
     Returns:
-      logits: [L, K] (padding -inf), index: [L, K] int32 into the flat anchors,
-      valid: [L, K] bool; K = max_l min(pre_nms_top_n, n_l).
+      per level: (logits [k_l], index [k_l] int32 into the flat anchors).
     """
-    k = max(min(pre_nms_top_n, n) for n in level_sizes)
-    logits, index, valid = [], [], []
-    start = 0
+    out, start = [], 0
     for n in level_sizes:
-        k_l = min(pre_nms_top_n, n)
-        top, idx = jax.lax.top_k(objectness[start : start + n], k_l)
-        pad = k - k_l
-        logits.append(jnp.pad(top, (0, pad), constant_values=-jnp.inf))
-        index.append(jnp.pad(idx + start, (0, pad)))
-        valid.append(np.arange(k) < k_l)
+        top, idx = jax.lax.top_k(objectness[start : start + n], min(pre_nms_top_n, n))
+        out.append((top, (idx + start).astype(jnp.int32)))
         start += n
-    return jnp.stack(logits), jnp.stack(index).astype(jnp.int32), jnp.asarray(np.stack(valid))
+    return out
 
 
 def propose_single(
@@ -107,6 +101,12 @@ def propose_single(
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Proposals of one image; see :func:`propose`.
 
+    Each level keeps its own candidate count k_l = min(pre_nms_top_n, n_l) and runs
+    its own NMS (torchvision's batched_nms with the level as label), in a static
+    loop over the levels: padded to one count and vmapped, the small top levels
+    (12 anchors on P6 of a 128x128 image) would run as many NMS tiles as the
+    largest, since a vmapped loop runs until every lane is done.
+
     Args:
       objectness: [A] logits; deltas: [A, 4]; anchors: [A, 4];
       image_size: [2] (h, w) of the image inside the padding.
@@ -114,23 +114,26 @@ def propose_single(
     Returns:
       boxes [P, 4], scores [P] (sigmoid), valid [P]; P = post_nms_top_n.
     """
-    logits, index, valid = _top_per_level(objectness, level_sizes, pre_nms_top_n)  # [L, K]
-    num_levels, k = logits.shape
-    boxes = decode_boxes(deltas[index], anchors[index], RPN_BOX_WEIGHTS)  # [L, K, 4]
-    boxes = clip_boxes(boxes, image_size)
-    scores = jax.nn.sigmoid(logits)
-    w = boxes[..., 2] - boxes[..., 0]
-    h = boxes[..., 3] - boxes[..., 1]
-    valid = valid & (w >= min_size) & (h >= min_size) & (scores >= score_thresh)
-    # NMS independently per level (= torchvision's batched_nms with the level as label).
-    keep, keep_valid = jax.vmap(functools.partial(nms, iou_threshold=nms_thresh, max_outputs=k))(
-        boxes, scores, valid=valid
-    )  # [L, K] each
-    boxes = jnp.take_along_axis(boxes, keep[..., None], axis=1).reshape(num_levels * k, 4)
-    scores = jnp.take_along_axis(scores, keep, axis=1).reshape(-1)
-    keep_valid = keep_valid.reshape(-1)
-    # Best post_nms_top_n over levels; the stable sort keeps torchvision's tie order.
-    extra = post_nms_top_n - num_levels * k
+    kept_boxes, kept_scores, kept_valid = [], [], []
+    for logits, index in _top_per_level(objectness, level_sizes, pre_nms_top_n):
+        boxes = decode_boxes(deltas[index], anchors[index], RPN_BOX_WEIGHTS)  # [k_l, 4]
+        boxes = clip_boxes(boxes, image_size)
+        scores = jax.nn.sigmoid(logits)
+        w = boxes[:, 2] - boxes[:, 0]
+        h = boxes[:, 3] - boxes[:, 1]
+        valid = (w >= min_size) & (h >= min_size) & (scores >= score_thresh)
+        keep, keep_valid = nms(
+            boxes, scores, iou_threshold=nms_thresh, max_outputs=len(logits), valid=valid
+        )  # [k_l] each, kept boxes first in score order
+        kept_boxes.append(boxes[keep])
+        kept_scores.append(scores[keep])
+        kept_valid.append(keep_valid)
+    boxes = jnp.concatenate(kept_boxes)
+    scores = jnp.concatenate(kept_scores)
+    keep_valid = jnp.concatenate(kept_valid)
+    # Best post_nms_top_n over levels; the stable sort keeps torchvision's tie order
+    # (level by level, each in its NMS order).
+    extra = post_nms_top_n - len(scores)
     if extra > 0:  # fewer candidates than output slots: pad with invalid ones
         boxes = jnp.pad(boxes, ((0, extra), (0, 0)))
         scores = jnp.pad(scores, (0, extra))
