@@ -5,7 +5,9 @@ argument checks, the per-level layout of the flattened features, the sample
 points of a box (torchvision's RoIAlign rules, He et al., 2017) and the flat
 indices and bilinear weights of their taps. The implementations
 (``roi_align.py``, ``roi_align_pallas.py``, ...) import this module and differ
-only in how they pool the taps; ``poolers.py`` chooses among them.
+only in how they pool the taps; ``poolers.py`` chooses among them. The mask
+targets (``targets.py``) resample one-channel crops with the same sample points
+as dense per-axis matrices (:func:`bilinear_matrix`).
 
 Layout: all FPN levels share one code path. The levels are flattened into a
 single ``[B, N, C]`` array (N = sum of H_l * W_l, :func:`flatten_levels`) and
