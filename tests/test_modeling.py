@@ -638,15 +638,23 @@ EXPECTED_MASK_LOSS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[v for v in VARIANTS if v != "align"])
 def variant_step(request, tiny_train_batch):
-    """One jitted train step of each variant on the tiny batch, plus the mask loss's inputs."""
+    """One jitted train step of each variant on the tiny batch, plus the mask loss's inputs.
+
+    Not "align": that is the tiny model itself, whose train step the tests of
+    test_train.py and test_export.py run, and its sigmoid mask loss is also
+    align_v2's and pool's (a compile of 40 s saved).
+    """
     from maskrcnn_jax import optim, train
 
     config, batch = tiny_train_batch
     config = ml_collections.ConfigDict(config.to_dict())
     for key, value in VARIANTS[request.param].items():
         config.model[key] = value
+    # The mask head on all its slots, no switch over prefixes (that has its own test): each
+    # variant's step then lowers and compiles in about 25 s instead of 33 s.
+    config.model.mask_head_prefixes = 1
     k_init, k_train = jax.random.split(jax.random.key(0))
     variables = train.initial_variables(config, k_init, (64, 64))
     optimizer = optim.make_optimizer(config, variables["params"])
