@@ -138,6 +138,8 @@ def make_train_step(
             lr=schedule(state.step),
             finite=finite,
             grad_norm=optax.global_norm(grads),
+            # Outside the state, which the loop donates: read a step late (see the loop).
+            bad_steps=new_state.bad_steps,
         )
         return new_state, metrics
 
@@ -292,6 +294,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             )
             t_log, n_log = time.perf_counter(), 0
+            pending_bad = None  # the last step's bad_steps, not yet read
+
+            def check_bad_steps(bad_steps, at_step):
+                bad = int(bad_steps) if bad_steps is not None else 0
+                limit = config.train.max_bad_steps
+                if limit and bad >= limit:
+                    save(step)
+                    manager.wait_until_finished()
+                    raise TrainingError(
+                        f"{bad} consecutive steps had a non-finite loss or gradient (last at "
+                        f"step {at_step}); stopping. Lower train.base_lr or enable "
+                        "train.clip_norm."
+                    )
+
             # One executable per canvas (dataset.aspect_canvases: two), compiled when
             # its first batch comes; every process gets that batch at the same step.
             compiled_steps: dict[tuple[int, ...], Any] = {}
@@ -316,14 +332,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write(step, last)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.4f}")
                     t_log, n_log = time.perf_counter(), 0
-                bad = int(state.bad_steps) if config.train.max_bad_steps else 0
-                if config.train.max_bad_steps and bad >= config.train.max_bad_steps:
-                    save(step)
-                    manager.wait_until_finished()
-                    raise TrainingError(
-                        f"{bad} consecutive steps had a non-finite loss or gradient (last at "
-                        f"step {step}); stopping. Lower train.base_lr or enable train.clip_norm."
-                    )
+                # The previous step's count, read now that this step is queued: reading this
+                # step's would wait for it every step, and the host would prepare the next
+                # batch only after it (no overlap of input and compute). A run of bad steps
+                # is therefore stopped one (skipped, harmless) step late.
+                check_bad_steps(pending_bad, step - 1)
+                pending_bad = metrics["bad_steps"]
                 if step % config.checkpoint_every == 0 or step == total or preemption.requested:
                     save(step)
                 if preemption.requested:
@@ -333,6 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 evaluate_now = config.eval_every and step % config.eval_every == 0
                 if evaluate_now and step != total and is_main:
                     last.update(_evaluate(config, state, model_config, writer, step, workdir))
+            if not preemption.requested:
+                check_bad_steps(pending_bad, step)
             manager.wait_until_finished()
         if preemption.requested:
             log.warning("stopped at step %d after SIGTERM; rerun to resume", step)

@@ -226,6 +226,43 @@ def test_two_aspect_canvases_compile_the_step_exactly_twice(
     assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]  # Both canvases, 6 steps.
 
 
+def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(
+    tmp_path, monkeypatch, tiny_experiment_config, tiny_data_dir, recorded_iterators
+):
+    """``train.max_bad_steps`` non-finite steps in a row: a one-line TrainingError, a checkpoint.
+
+    The loop reads each step's count after queueing the next, so it stops one step after
+    the limit. The step is a stand-in that only counts (no model compile); the real
+    step's skipping is test_non_finite_step_is_skipped_and_counted's.
+    """
+    made, _ = recorded_iterators
+    config = tiny_experiment_config(steps=20, max_bad_steps=3)
+    config.dataset.data_dir = tiny_data_dir
+    config.checkpoint_every = 100
+
+    def nan_make_train_step(*args, **kwargs):
+        def step(state, batch):
+            nan = jnp.float32(jnp.nan) + 0 * jnp.sum(batch["image"][0, 0, 0])
+            bad = state.bad_steps + 1
+            new = state.replace(step=state.step + 1, bad_steps=bad,
+                                skipped_steps=state.skipped_steps + 1)  # fmt: skip
+            return new, {"loss": nan, "lr": jnp.float32(0.01), "finite": nan > 0,
+                         "grad_norm": nan, "bad_steps": bad}  # fmt: skip
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", nan_make_train_step)
+    with pytest.raises(train.TrainingError) as info:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("3 consecutive steps had a non-finite loss or gradient (last at "
+                              "step 3); stopping.")  # fmt: skip
+    assert ckpt.resolve_checkpoint(str(tmp_path / "run")).endswith(os.sep + "4")
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert made[0].closed
+
+
 @pytest.mark.parametrize("name", train.MOVED_TO_MODEL)
 def test_old_train_spellings_of_model_settings_fail(tmp_path, tiny_experiment_config, name):
     config = tiny_experiment_config()
