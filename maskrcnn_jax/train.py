@@ -146,6 +146,32 @@ def make_train_step(
     return train_step
 
 
+def jit_train_step(
+    model: MaskRCNN,
+    config: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+) -> tuple[Callable, Any]:
+    """:func:`make_train_step` jitted over ``mesh`` as the training loop runs it.
+
+    The state is replicated and donated (pass a copy to keep yours); the batch's
+    arrays are split along their first (batch) axis. ``state`` gives the
+    structure only: a TrainState or its ``jax.eval_shape``.
+
+    Returns:
+      ``(step_fn, state_sharding)``; ``step_fn(state, batch) -> (state, metrics)``.
+    """
+    state_sharding = sharding.tree_replicated(state, mesh)
+    step_fn = xla_options.jit(
+        make_train_step(model, config, optimizer),
+        in_shardings=(state_sharding, sharding.data_sharded(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return step_fn, state_sharding
+
+
 # ---------------------------------------------------------------- set-up
 
 
@@ -245,13 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     optimizer = optim.make_optimizer(config, abstract_variables["params"])
     init_state = lambda v, k: create_train_state(v, optimizer, k)
     abstract_state = jax.eval_shape(init_state, abstract_variables, k_train)
-    state_sharding = sharding.tree_replicated(abstract_state, mesh)
-    step_fn = xla_options.jit(
-        make_train_step(model, config, optimizer),
-        in_shardings=(state_sharding, sharding.data_sharded(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step_fn, state_sharding = jit_train_step(model, config, optimizer, mesh, abstract_state)
 
     with contextlib.ExitStack() as stack:
         manager = stack.enter_context(

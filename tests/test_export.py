@@ -11,12 +11,13 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from maskrcnn_jax import checkpoint as ckpt
-from maskrcnn_jax import export, serving, train
+from maskrcnn_jax import export, serving, sharding, train
 from maskrcnn_jax.inference import Predictor
 from maskrcnn_jax.modeling import MaskRCNN
 from maskrcnn_jax.torchvision_weights import config_from_state_dict, convert_torchvision_state_dict
@@ -54,9 +55,14 @@ def trained_tiny(tmp_path_factory, tiny_train_batch, tiny_train_state):
     """The tiny experiment's model after two train steps, saved as a checkpoint."""
     config, batch = tiny_train_batch
     state, optimizer = tiny_train_state
-    step = jax.jit(train.make_train_step(MaskRCNN(config.model), config, optimizer))
+    # Jitted as test_train.py's one-device step (the session's compilation cache has one).
+    mesh = sharding.make_mesh(1)
+    step, state_sharding = train.jit_train_step(
+        MaskRCNN(config.model), config, optimizer, mesh, state
+    )
+    state = jax.device_put(jax.tree.map(jnp.copy, state), state_sharding)  # it is donated
     for _ in range(2):
-        state, _ = step(state, batch)
+        state, _ = step(state, sharding.global_batch(batch, mesh))
     variables = jax.device_get(state.variables())
     model_config = config.model.copy_and_resolve_references()
     model_config.box_score_thresh = 0.0  # random-ish scores must still give detections

@@ -23,24 +23,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tiny_train_batch, tiny_train_state):
     """(batch, state, run): ``run(state, batch, n)`` is the step jitted on n
-    devices, compiled once per n for the whole module."""
+    devices, compiled once per n for the whole module.
+
+    It is jitted as the training loop jits it (``train.jit_train_step``), so the
+    loop's runs of the tiny config below load the 8-device program from the
+    session's compilation cache instead of compiling it again.
+    """
     config, batch = tiny_train_batch
     state, optimizer = tiny_train_state
-    step = train.make_train_step(MaskRCNN(config.model), config, optimizer)
+    model = MaskRCNN(config.model)
     compiled = {}
 
     def run(state, batch, num_devices):
         if num_devices not in compiled:
             mesh = sharding.make_mesh(num_devices)
-            state_sharding = sharding.tree_replicated(state, mesh)
-            fn = jax.jit(
-                step,
-                in_shardings=(state_sharding, sharding.data_sharded(mesh)),
-                out_shardings=(state_sharding, sharding.replicated(mesh)),
-            )
+            fn, state_sharding = train.jit_train_step(model, config, optimizer, mesh, state)
             compiled[num_devices] = mesh, state_sharding, fn
         mesh, state_sharding, fn = compiled[num_devices]
-        return fn(jax.device_put(state, state_sharding), sharding.global_batch(batch, mesh))
+        state = jax.device_put(jax.tree.map(jnp.copy, state), state_sharding)  # it is donated
+        return fn(state, sharding.global_batch(batch, mesh))
 
     return batch, state, run
 
