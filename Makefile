@@ -61,11 +61,10 @@ train: $(ACCEL_STAMP)
 	@echo "Metrics: $(WORKDIR)/metrics.jsonl   Pictures: $(WORKDIR)/pictures/"
 
 # Test files run on TEST_WORKERS processes (a file's tests stay together, so they share
-# its compiled fixtures); the suite is bound by XLA compiles, one core each. Files start
-# in collection order, where tests/conftest.py puts the longest first.
+# its compiled fixtures); the suite is bound by XLA compiles, one core each.
 TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 device-wheels: | $(PY)
 	rm -rf .whl && mkdir -p .whl

@@ -52,30 +52,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
-# The test files that take longest, longest first (seconds of one --durations run with
-# two workers, 2026-11-28: test_modeling ~610, test_train ~470, test_multiprocess ~420,
-# test_device_check ~265, test_export ~210, test_finetune ~125, test_ablations ~100,
-# test_data ~100). `make test` runs files whole on two workers (--dist loadfile) in
-# collection order (--no-loadscope-reorder; xdist's default orders them by test count,
-# which started test_multiprocess, with five tests, last): these go first, so that
-# the short files fill the gaps at the end instead of one long file running alone.
-LONGEST_FIRST = (
-    "test_modeling.py",
-    "test_train.py",
-    "test_multiprocess.py",
-    "test_device_check.py",
-    "test_export.py",
-    "test_finetune.py",
-    "test_ablations.py",
-    "test_data.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
-
-
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_JIT_CACHE:
         shutil.rmtree(_OWN_JIT_CACHE, ignore_errors=True)
