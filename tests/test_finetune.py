@@ -123,10 +123,11 @@ def test_finetune_converted_weights_on_a_coco_format_set(tmp_path, capsys, monke
     assert _get(start, logits).shape[-1] == TORCHVISION_CLASSES
     assert _get(tuned, logits).shape[-1] == 4
 
-    # 3. Evaluate the fine-tuned work dir on the set.
+    # 3. Evaluate the fine-tuned work dir on the set, one image per call: predict's
+    # default, so step 4 loads its compiled bucket from the session's cache.
     metrics_path = tmp_path / "metrics.json"
     code = evaluate.main(["--checkpoint", run, "--annotations", ANNOTATIONS, "--images", FIXTURE,
-                          "--output", str(metrics_path)])  # fmt: skip
+                          "--output", str(metrics_path), "--batch_size", "1"])  # fmt: skip
     assert code == 0
     metrics = json.loads(metrics_path.read_text())
     assert metrics["images"] == 4 and metrics["skipped"] == 0
