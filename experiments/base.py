@@ -34,7 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     train.weight_decay = 1e-4
     train.decay_norm_and_bias = False
     train.clip_norm = 0.0  # 0 = no clipping
-    train.max_bad_steps = 10  # stop after this many consecutive non-finite steps
+    train.max_bad_steps = 10  # stop after this many consecutive non-finite steps (seen a step late)
 
     init = config.init = ml_collections.ConfigDict()
     init.checkpoint = ""  # a Mask R-CNN checkpoint to fine-tune (class layers re-initialised)
