@@ -320,8 +320,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 bad = int(bad_steps) if bad_steps is not None else 0
                 limit = config.train.max_bad_steps
                 if limit and bad >= limit:
-                    save(step)
                     manager.wait_until_finished()
+                    if manager.latest_step() != step:  # the last step is saved already
+                        save(step)
+                        manager.wait_until_finished()
                     raise TrainingError(
                         f"{bad} consecutive steps had a non-finite loss or gradient (last at "
                         f"step {at_step}); stopping. Lower train.base_lr or enable "

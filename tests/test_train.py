@@ -227,17 +227,20 @@ def test_two_aspect_canvases_compile_the_step_exactly_twice(
     assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]  # Both canvases, 6 steps.
 
 
+@pytest.mark.parametrize("steps, stopped_at", [(20, 4), (3, 3)])
 def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(
-    tmp_path, monkeypatch, tiny_experiment_config, tiny_data_dir, recorded_iterators
-):
+    tmp_path, monkeypatch, tiny_experiment_config, tiny_data_dir, recorded_iterators,
+    steps, stopped_at,
+):  # fmt: skip
     """``train.max_bad_steps`` non-finite steps in a row: a one-line TrainingError, a checkpoint.
 
     The loop reads each step's count after queueing the next, so it stops one step after
-    the limit. The step is a stand-in that only counts (no model compile); the real
-    step's skipping is test_non_finite_step_is_skipped_and_counted's.
+    the limit, or after the last step (already saved) when that is the limit's. The step
+    is a stand-in that only counts (no model compile); the real step's skipping is
+    test_non_finite_step_is_skipped_and_counted's.
     """
     made, _ = recorded_iterators
-    config = tiny_experiment_config(steps=20, max_bad_steps=3)
+    config = tiny_experiment_config(steps=steps, max_bad_steps=3)
     config.dataset.data_dir = tiny_data_dir
     config.checkpoint_every = 100
 
@@ -259,8 +262,8 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_checkpoint(
     assert "\n" not in message
     assert message.startswith("3 consecutive steps had a non-finite loss or gradient (last at "
                               "step 3); stopping.")  # fmt: skip
-    assert ckpt.resolve_checkpoint(str(tmp_path / "run")).endswith(os.sep + "4")
-    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert ckpt.resolve_checkpoint(str(tmp_path / "run")).endswith(os.sep + str(stopped_at))
+    assert sorted(_losses(tmp_path / "run")) == list(range(1, stopped_at + 1))
     assert made[0].closed
 
 
