@@ -2,7 +2,7 @@
 
 Run (from the repository root):
   .venv/bin/python -m experiments.bench_inference [--repeats 5] [--size 480x640]
-          [--box-score-thresh 0.05]
+          [--box-score-thresh 0.05] [--stages]
 
 Both models hold the same random weights (the parity test's randomisation:
 ``maskrcnn_resnet50_fpn`` with every parameter and buffer drawn, so that the
@@ -17,6 +17,15 @@ Reported: compile time (first call minus steady state), steady-state median
 latency of each (timed interleaved), their ratio, the backbone+FPN time of each alone (and so the
 share of time outside the convolutional trunk), detections per image, and peak
 resident memory (``ru_maxrss``) after each phase.
+
+``--stages`` also times each stage of both on the same input, interleaved
+(medians), with its convolution and matmul GFLOP and GFLOP/s: ours as
+separately jitted stages (``MaskRCNN.features``, ``rpn``, ``proposals``,
+``box_head``, ``detect``, ``detection_masks``; FLOPs from the compiled HLO,
+``experiments/flops.py``) and the host's resize and paste; torchvision's
+modules called the way ``GeneralizedRCNN.forward`` calls them (FLOPs from
+``torch.utils.flop_counter.FlopCounterMode``). A stage near the machine's
+FLOP rate on both sides can only get faster by doing less arithmetic.
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ def main() -> None:
         type=float,
         default=0.05,
         help="raise it (e.g. 0.9) to see both sides with fewer detections",
+    )
+    parser.add_argument(
+        "--stages", action="store_true", help="also time each stage of both sides (see above)"
     )
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
@@ -142,6 +154,144 @@ def main() -> None:
         f"(median of interleaved pairs); goal <= 0.6 (issue 15)"
     )
     print("all timings (ms):", {k: [round(t * 1e3) for t in v] for k, v in timings.items()})
+    if args.stages:
+        with torch.no_grad():
+            rows = stage_timings(predictor, config, image, tv, tensor, args.repeats)
+        print_stages(rows)
+
+
+def _ours_stages(predictor, config, image):
+    """name -> (zero-argument call, conv+matmul FLOPs) for our stages, in order.
+
+    "host resize" is the resize alone (padding into the bucket is a copy);
+    torchvision's ``transform`` also normalises and batches.
+    """
+    from experiments.flops import hlo_flops
+    from maskrcnn_jax import host_processing, xla_options
+    from maskrcnn_jax.modeling import MaskRCNN
+    from maskrcnn_jax.modeling.box_head import detect
+
+    model, v, c = MaskRCNN(config), predictor.variables, config
+    resized, size = predictor.preprocess(image)
+    bucket = predictor.bucket_for(size)
+    x = np.zeros((1, *bucket, 3), np.float32)
+    x[0, : size[0], : size[1]] = resized
+    x, s = jnp.asarray(x), jnp.asarray([size], jnp.int32)
+
+    def apply(method):
+        return lambda *a: model.apply(v, *a, method=method)
+
+    fns = {
+        "trunk": apply(MaskRCNN.features),
+        "rpn head": apply(MaskRCNN.rpn),
+        "proposals": lambda o, d, s: model.apply(v, o, d, bucket, s, method=MaskRCNN.proposals),
+        "box head": apply(MaskRCNN.box_head),
+        "detect": lambda cl, bd, p, pv, s: detect(
+            cl, bd, p, pv, s, c.box_score_thresh, c.box_nms_thresh, c.box_min_size,
+            c.detections_per_img, c.box_candidates),
+        "mask head": apply(MaskRCNN.detection_masks),
+    }
+    jitted = {k: xla_options.jit(fn) for k, fn in fns.items()}
+    # Each stage's inputs are the outputs of the stages before it.
+    feats = jitted["trunk"](x, s)
+    obj, deltas = jitted["rpn head"](feats)
+    props, _, pvalid = jitted["proposals"](obj, deltas, s)
+    logits, box_deltas = jitted["box head"](feats, props)
+    boxes, _, labels, valid = jitted["detect"](logits, box_deltas, props, pvalid, s)
+    inputs = {"trunk": (x, s), "rpn head": (feats,), "proposals": (obj, deltas, s),
+              "box head": (feats, props), "detect": (logits, box_deltas, props, pvalid, s),
+              "mask head": (feats, boxes, labels, valid)}
+    stages = {"host resize": (lambda: predictor.preprocess(image), 0)}
+    for name, fn in jitted.items():
+        compiled = fn.lower(*inputs[name]).compile()
+        count = hlo_flops(compiled.as_text())
+        stages[name] = ((lambda f=compiled, a=inputs[name]: jax.block_until_ready(f(*a))),
+                        count.conv + count.dot)
+    out = jax.device_get(predictor.run_batch(np.asarray(x), np.asarray(s)))
+    one = {k: np.asarray(val[0]) for k, val in out.items()}
+    stages["host paste"] = (lambda: host_processing.postprocess_detections(
+        one, size, image.shape[:2]), 0)
+    return stages
+
+
+def _tv_stages(tv, tensor):
+    """The same for torchvision's modules, called as ``GeneralizedRCNN.forward`` calls them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    images, _ = tv.transform([tensor])
+    feats = tv.backbone(images.tensors)
+    levels = list(feats.values())
+    rpn, rh = tv.rpn, tv.roi_heads
+    head_out = rpn.head(levels)
+
+    def proposals():  # RegionProposalNetwork.forward after its head
+        anchors = rpn.anchor_generator(images, levels)
+        per_level = [o[0].numel() for o in head_out[0]]
+        objectness, deltas = concat_box_prediction_layers(*head_out)
+        boxes = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+        return rpn.filter_proposals(boxes, objectness, images.image_sizes, per_level)[0]
+
+    props = proposals()
+
+    def box_head():
+        x = rh.box_head(rh.box_roi_pool(feats, props, images.image_sizes))
+        return rh.box_predictor(x)
+
+    logits, regression = box_head()
+    boxes, scores, labels = rh.postprocess_detections(
+        logits, regression, props, images.image_sizes)
+    detections = [{"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}]
+    masks = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, images.image_sizes)))
+    detections[0]["masks"] = masks[torch.arange(len(labels[0])), labels[0]][:, None].sigmoid()
+    calls = {
+        "host resize": lambda: tv.transform([tensor]),
+        "trunk": lambda: tv.backbone(images.tensors),
+        "rpn head": lambda: rpn.head(levels),
+        "proposals": proposals,
+        "box head": box_head,
+        "detect": lambda: rh.postprocess_detections(
+            logits, regression, props, images.image_sizes),
+        "mask head": lambda: rh.mask_predictor(
+            rh.mask_head(rh.mask_roi_pool(feats, boxes, images.image_sizes))),
+        "host paste": lambda: tv.transform.postprocess(
+            detections, images.image_sizes, [tuple(tensor.shape[-2:])]),
+    }
+    stages = {}
+    for name, fn in calls.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        stages[name] = (fn, counter.get_total_flops())
+    return stages
+
+
+def stage_timings(predictor, config, image, tv, tensor, repeats: int) -> list[dict]:
+    """Per-stage medians of both sides, timed interleaved; one row per stage."""
+    ours, theirs = _ours_stages(predictor, config, image), _tv_stages(tv, tensor)
+    times = {(side, k): [] for side in ("ours", "tv") for k in ours}
+    for _ in range(repeats):
+        for k in ours:
+            for side, stages in (("ours", ours), ("tv", theirs)):
+                t0 = time.perf_counter()
+                stages[k][0]()
+                times[side, k].append(time.perf_counter() - t0)
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    return [{"stage": k, "ours_s": med["ours", k], "tv_s": med["tv", k],
+             "ours_gflop": ours[k][1] / 1e9, "tv_gflop": theirs[k][1] / 1e9} for k in ours]
+
+
+def print_stages(rows: list[dict]) -> None:
+    rate = lambda g, s: f"{g / s:6.0f}" if g > 0.05 and s > 0 else "     -"  # noqa: E731
+    print("\nstage          ours ms  tv ms  ratio  ours GFLOP  tv GFLOP  ours GFLOP/s  tv GFLOP/s")
+    for r in rows:
+        ratio = r["ours_s"] / r["tv_s"] if r["tv_s"] > 0 else float("nan")
+        print(f"{r['stage']:<13} {r['ours_s'] * 1e3:8.0f} {r['tv_s'] * 1e3:6.0f} {ratio:6.2f} "
+              f"{r['ours_gflop']:11.1f} {r['tv_gflop']:9.1f} "
+              f"{rate(r['ours_gflop'], r['ours_s']):>13} {rate(r['tv_gflop'], r['tv_s']):>11}")
+    total_o, total_t = sum(r["ours_s"] for r in rows), sum(r["tv_s"] for r in rows)
+    print(f"{'sum':<13} {total_o * 1e3:8.0f} {total_t * 1e3:6.0f} {total_o / total_t:6.2f}")
 
 
 if __name__ == "__main__":
