@@ -129,6 +129,15 @@ def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _has_step(workdir, step) -> bool:
+    """Whether metrics.jsonl has ``step``'s loss (read while being written: a torn last
+    line counts as not yet written)."""
+    try:
+        return step in _losses(workdir)
+    except json.JSONDecodeError:
+        return False
+
+
 def _params(workdir, step):
     variables, _ = ckpt.load_model(os.path.join(workdir, ckpt.CHECKPOINT_SUBDIR, str(step)))
     return {k: np.asarray(v) for k, v in _flat(variables)}
@@ -182,11 +191,30 @@ def test_two_processes_match_one_process(runs):
             assert f0.read() != f1.read()  # Different positions: not process 0's for all.
 
 
-def test_resume_of_two_processes_is_exact(runs):
-    """Resuming from step 2's checkpoint reproduces step 3 bit for bit.
+def _wait_for(condition, procs, log_dir, what: str) -> None:
+    """Polls ``condition()`` every second until it holds; fails if a process exits first."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not in {RUN_TIMEOUT_S} s\n{_logs(log_dir)}"
+        assert all(p.poll() is None for p in procs), f"{what}: exited early\n{_logs(log_dir)}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def resumed_then_killed(runs):
+    """Two processes resume the 2-process run from step 2; process 1 is killed after step 3.
 
     The work dir is put back in the state both processes leave when killed right after
-    the step-2 checkpoint (step 3's checkpoint and metrics removed), then restarted.
+    the step-2 checkpoint (step 3's checkpoint and metrics removed), then restarted
+    with no step limit and a checkpoint every step (all kept). Once step 3's checkpoint
+    is committed and its metrics written, process 1 gets SIGKILL mid-training, and
+    process 0 must exit on its own. One run serves both tests below: starting two
+    processes costs a minute or more here. The learning rate does not depend on the
+    step limit (``experiments/tiny.py``: warm-up 2, decay at 1000), so steps 1-3 are
+    those of a 3-step run.
+
+    Returns:
+      (work dir, process 0's exit code, seconds it took to exit after the kill, logs).
     """
     base, data_dir, _, two = runs
     resumed = str(base / "resumed")
@@ -196,26 +224,18 @@ def test_resume_of_two_processes_is_exact(runs):
         rows = [line for line in f if json.loads(line)["step"] <= 2]
     with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
         f.writelines(rows)
-    _run(resumed, data_dir, processes=2, devices=2, steps=3, log_dir=str(base / "logs_resumed"))
-    assert _losses(resumed)[3] == _losses(two)[3]
-    p_two, p_resumed = _params(two, 3), _params(resumed, 3)
-    for k in p_two:
-        np.testing.assert_array_equal(p_resumed[k], p_two[k], err_msg=k)
-
-
-def test_a_dying_process_does_not_hang_the_other(runs):
-    """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout."""
-    base, data_dir, _, _ = runs
-    log_dir = str(base / "logs_dying")
-    workdir = str(base / "dying")
-    procs = _start(workdir, data_dir, processes=2, devices=2, steps=10_000, log_dir=log_dir)
+    log_dir = str(base / "logs_resumed")
+    procs = _start(
+        resumed, data_dir, processes=2, devices=2, steps=10_000, log_dir=log_dir,
+        extra=["--config.checkpoint_every=1", "--config.keep_checkpoints=10000"],
+    )
     try:
-        metrics = os.path.join(workdir, "metrics.jsonl")
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
-            assert time.monotonic() < deadline, f"no step done\n{_logs(log_dir)}"
-            assert all(p.poll() is None for p in procs), f"exited early\n{_logs(log_dir)}"
-            time.sleep(1)
+        # Orbax renames a step's temporary directory to its number once committed.
+        _wait_for(
+            lambda: os.path.isdir(os.path.join(resumed, "checkpoints", "3"))
+            and _has_step(resumed, 3),
+            procs, log_dir, "step 3's checkpoint and metrics",
+        )
         procs[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         # Heartbeat timeout, plus the coordination service's polling and a loaded box.
@@ -224,11 +244,26 @@ def test_a_dying_process_does_not_hang_the_other(runs):
             code = procs[0].wait(timeout=bound)
         except subprocess.TimeoutExpired:
             pytest.fail(f"process 0 still running {bound} s after process 1 died\n{_logs(log_dir)}")
-        waited = time.monotonic() - killed
-        assert code != 0, _logs(log_dir)
-        print(f"process 0 exited with {code} {waited:.0f} s after process 1 was killed")
+        return resumed, code, time.monotonic() - killed, _logs(log_dir)
     finally:
         _kill(procs)
+
+
+def test_resume_of_two_processes_is_exact(runs, resumed_then_killed):
+    """Resuming from step 2's checkpoint reproduces step 3 bit for bit."""
+    two = runs[3]
+    resumed = resumed_then_killed[0]
+    assert _losses(resumed)[3] == _losses(two)[3]
+    p_two, p_resumed = _params(two, 3), _params(resumed, 3)
+    for k in p_two:
+        np.testing.assert_array_equal(p_resumed[k], p_two[k], err_msg=k)
+
+
+def test_a_dying_process_does_not_hang_the_other(resumed_then_killed):
+    """SIGKILL process 1 mid-training: process 0 exits non-zero within the heartbeat timeout."""
+    _, code, waited, logs = resumed_then_killed
+    assert code != 0, logs
+    print(f"process 0 exited with {code} {waited:.0f} s after process 1 was killed")
 
 
 def _cli(*flags: str, timeout: float) -> subprocess.CompletedProcess:
