@@ -44,15 +44,6 @@ BLOCKS = {
 }
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _convs(cin: int, planes: int, stride: int) -> dict[str, tuple[int, int, int, int, int]]:
     """conv name -> (kernel size, cin, cout, stride, padding), torchvision's v1.5 layout."""
     out = 4 * planes
