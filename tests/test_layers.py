@@ -61,15 +61,16 @@ def test_conv2d_matches_lax_conv_with_gradients(ksize, stride, pad, hw):
         np.testing.assert_allclose(g, w, atol=(n - 1) * 2**-24 * n * ab, rtol=0, err_msg=name)
 
 
-def test_phases_sum_to_the_strided_convolution():
-    """The decomposition itself (used for the gradients): a wrong phase offset or
-    kernel slice moves the value by O(1), far above the reordering bound."""
+@pytest.mark.parametrize("kh,kw,out_hw", [(3, 3, (5, 5)), (3, 2, (5, 6))])
+def test_phases_sum_to_the_strided_convolution(kh, kw, out_hw):
+    """The decomposition itself (used for the gradients), square and not: a wrong phase
+    offset or kernel slice moves the value by O(1), far above the reordering bound."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 9, 10, 4)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((3, 3, 4, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kh, kw, 4, 3)), jnp.float32)
     want = _lax_conv(x, k, 2, 1)
     got = jax.jit(lambda x, k: layers.strided_conv2d_by_phases(x, k, 2, 1))(x, k)
-    assert got.shape == want.shape == (1, 5, 5, 3)
-    n = 9 * 4
+    assert got.shape == want.shape == (1, *out_hw, 3)
+    n = kh * kw * 4
     bound = (n - 1) * 2**-24 * n * float(jnp.abs(x).max() * jnp.abs(k).max())
     np.testing.assert_allclose(got, want, atol=bound, rtol=0)

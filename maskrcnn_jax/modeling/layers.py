@@ -88,15 +88,22 @@ def strided_conv2d_by_phases(
     convolution of the zero-dilated output gradient) and kernel gradient do not:
     ResNet-50's layer2 3x3 at [2, 200, 272, 128] took 277 / 373 ms for the input /
     kernel gradient directly and 136 / 184 ms this way (``experiments/bench_block.py``).
+
+    Args:
+      x: [B, H, W, Cin]; kernel: [kh, kw, Cin, Cout] in x's dtype; stride, padding:
+        the same on both axes (static).
+
+    Returns:
+      [B, (H + 2p - kh) // stride + 1, (W + 2p - kw) // stride + 1, Cout].
     """
-    k = kernel.shape[0]
-    b, h, w, c = x.shape
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    kh, kw = kernel.shape[:2]
+    _, h, w, _ = x.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     # Padded on the far side by `stride` more, so that every phase holds its rows.
     xp = jnp.pad(x, ((0, 0), (padding, padding + stride), (padding, padding + stride), (0, 0)))
     out = None
-    for ry in range(min(stride, k)):
-        for rx in range(min(stride, k)):
+    for ry in range(min(stride, kh)):
+        for rx in range(min(stride, kw)):
             sub = kernel[ry::stride, rx::stride]  # [ky, kx, Cin, Cout]
             ky, kx = sub.shape[:2]
             phase = xp[:, ry::stride, rx::stride][:, : ho + ky - 1, : wo + kx - 1]
