@@ -317,9 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending_bad = None  # the last step's bad_steps, not yet read
 
             def check_bad_steps(bad_steps, at_step):
-                bad = int(bad_steps) if bad_steps is not None else 0
                 limit = config.train.max_bad_steps
-                if limit and bad >= limit:
+                if not limit or bad_steps is None:  # off: no read of the device value
+                    return
+                bad = int(bad_steps)
+                if bad >= limit:
                     manager.wait_until_finished()
                     if manager.latest_step() != step:  # the last step is saved already
                         save(step)
