@@ -182,24 +182,25 @@ def _ours_stages(predictor, config, image):
             c.detections_per_img, c.box_candidates),
         "mask head": apply(MaskRCNN.detection_masks),
     }
-    jitted = {k: xla_options.jit(fn) for k, fn in fns.items()}
-    # Each stage's inputs are the outputs of the stages before it.
-    feats = jitted["trunk"](x, s)
-    obj, deltas = jitted["rpn head"](feats)
-    props, _, pvalid = jitted["proposals"](obj, deltas, s)
-    logits, box_deltas = jitted["box head"](feats, props)
-    boxes, _, labels, valid = jitted["detect"](logits, box_deltas, props, pvalid, s)
-    inputs = {"trunk": (x, s), "rpn head": (feats,), "proposals": (obj, deltas, s),
-              "box head": (feats, props), "detect": (logits, box_deltas, props, pvalid, s),
-              "mask head": (feats, boxes, labels, valid)}
     stages = {"host resize": (lambda: predictor.preprocess(image), 0)}
-    for name, fn in jitted.items():
-        compiled = fn.lower(*inputs[name]).compile()
+
+    def compile_and_run(name, *args):
+        """Compiles stage ``name`` for ``args`` (once), records it, returns its outputs."""
+        compiled = xla_options.jit(fns[name]).lower(*args).compile()
         count = hlo_flops(compiled.as_text())
-        stages[name] = ((lambda f=compiled, a=inputs[name]: jax.block_until_ready(f(*a))),
-                        count.conv + count.dot)
-    out = jax.device_get(predictor.run_batch(np.asarray(x), np.asarray(s)))
-    one = {k: np.asarray(val[0]) for k, val in out.items()}
+        stages[name] = ((lambda: jax.block_until_ready(compiled(*args))), count.conv + count.dot)
+        return compiled(*args)
+
+    # Each stage's inputs are the outputs of the stages before it.
+    feats = compile_and_run("trunk", x, s)
+    obj, deltas = compile_and_run("rpn head", feats)
+    props, _, pvalid = compile_and_run("proposals", obj, deltas, s)
+    logits, box_deltas = compile_and_run("box head", feats, props)
+    boxes, scores, labels, valid = compile_and_run(
+        "detect", logits, box_deltas, props, pvalid, s)
+    masks = compile_and_run("mask head", feats, boxes, labels, valid)
+    one = jax.device_get({"boxes": boxes[0], "scores": scores[0], "labels": labels[0],
+                          "masks": masks[0], "valid": valid[0]})
     stages["host paste"] = (lambda: host_processing.postprocess_detections(
         one, size, image.shape[:2]), 0)
     return stages
