@@ -44,23 +44,25 @@ BLOCKS = {
 }
 
 
-def _convs(cin: int, planes: int, stride: int) -> dict[str, tuple[int, int, int, int, int]]:
-    """conv name -> (kernel size, cin, cout, stride, padding), torchvision's v1.5 layout."""
+def _convs(shape, planes: int, stride: int) -> dict[str, tuple[int, ...]]:
+    """conv name -> (kernel size, cin, cout, stride, padding, input height, input width),
+    torchvision's v1.5 layout, for a block whose input is ``shape`` [B, H, W, Cin]."""
+    _, h, w, cin = shape
     out = 4 * planes
     convs = {
-        "conv1": (1, cin, planes, 1, 0),
-        "conv2": (3, planes, planes, stride, 1),
-        "conv3": (1, planes, out, 1, 0),
+        "conv1": (1, cin, planes, 1, 0, h, w),
+        "conv2": (3, planes, planes, stride, 1, h, w),
+        "conv3": (1, planes, out, 1, 0, h // stride, w // stride),
     }
     if stride != 1 or cin != out:
-        convs["downsample"] = (1, cin, out, stride, 0)
+        convs["downsample"] = (1, cin, out, stride, 0, h, w)
     return convs
 
 
 def _weights(rng, convs) -> dict[str, dict[str, np.ndarray]]:
     """Random kernels (HWIO) and frozen-BN scale / bias per conv, variance-preserving."""
     w = {}
-    for name, (k, cin, cout, _, _) in convs.items():
+    for name, (k, cin, cout, *_) in convs.items():
         w[name] = {
             "kernel": (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(
                 np.float32),
@@ -70,14 +72,23 @@ def _weights(rng, convs) -> dict[str, dict[str, np.ndarray]]:
     return w
 
 
-def _conv_flops(shape_in, conv) -> float:
-    k, cin, cout, stride, _ = conv
-    b, h, w, _ = shape_in
-    return 2.0 * b * (h // stride) * (w // stride) * cout * cin * k * k
+def _conv_inputs(rng, batch: int, convs) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """conv name -> (input [B, H, W, Cin], output cotangent [B, H', W', Cout]), NHWC."""
+    inputs = {}
+    for name, (_, cin, cout, s, _, h, w) in convs.items():
+        x = rng.standard_normal((batch, h, w, cin)).astype(np.float32)
+        dy = rng.standard_normal((batch, h // s, w // s, cout)).astype(np.float32)
+        inputs[name] = x, dy
+    return inputs
 
 
-def ours(shape, planes, stride, weights, x, dy):
-    """Our block (``modeling.resnet.Bottleneck``) and its convolutions: times and outputs."""
+def _conv_flops(batch: int, conv) -> float:
+    k, cin, cout, stride, _, h, w = conv
+    return 2.0 * batch * (h // stride) * (w // stride) * cout * cin * k * k
+
+
+def ours(planes, stride, convs, weights, conv_inputs, x, dy):
+    """Our block (``modeling.resnet.Bottleneck``) and its convolutions: calls and output."""
     from maskrcnn_jax import xla_options
     from maskrcnn_jax.modeling.layers import conv2d
     from maskrcnn_jax.modeling.resnet import Bottleneck
@@ -100,17 +111,12 @@ def ours(shape, planes, stride, weights, x, dy):
 
     y = jax.block_until_ready(fwd(params, x))
     jax.block_until_ready(fwd_bwd(params, x, dy))
-    times = {"block fwd": lambda: jax.block_until_ready(fwd(params, x)),
+    calls = {"block fwd": lambda: jax.block_until_ready(fwd(params, x)),
              "block fwd+bwd": lambda: jax.block_until_ready(fwd_bwd(params, x, dy))}
     # Each conv alone, at its input shape in the block.
-    rng = np.random.default_rng(1)
-    for name, (k, cin, cout, s, pad) in _convs(shape[-1], planes, stride).items():
-        hin = shape[1] if name in ("conv1", "conv2", "downsample") else shape[1] // stride
-        win = shape[2] if name in ("conv1", "conv2", "downsample") else shape[2] // stride
-        xi = jnp.asarray(rng.standard_normal((shape[0], hin, win, cin)).astype(np.float32))
+    for name, (_, _, _, s, pad, _, _) in convs.items():
+        xi, dyi = (jnp.asarray(a) for a in conv_inputs[name])
         wk = jnp.asarray(weights[name]["kernel"])
-        dyi = jnp.asarray(rng.standard_normal((shape[0], hin // s, win // s, cout)).astype(
-            np.float32))
         f = xla_options.jit(lambda xi, wk, s=s, pad=pad: conv2d(xi, wk, s, pad))
         dx = xla_options.jit(lambda xi, wk, dyi, s=s, pad=pad: jax.vjp(
             lambda a: conv2d(a, wk, s, pad), xi)[1](dyi)[0])
@@ -119,20 +125,21 @@ def ours(shape, planes, stride, weights, x, dy):
         for part, fn, args in (("fwd", f, (xi, wk)), ("dx", dx, (xi, wk, dyi)),
                                ("dw", dw, (xi, wk, dyi))):
             jax.block_until_ready(fn(*args))
-            times[f"{name} {part}"] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
-    return times, np.asarray(y)
+            calls[f"{name} {part}"] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    return calls, np.asarray(y)
 
 
-def theirs(shape, planes, stride, weights, x, dy):
-    """torchvision's Bottleneck with FrozenBatchNorm2d and the same weights."""
+def theirs(planes, stride, convs, weights, conv_inputs, x, dy):
+    """torchvision's Bottleneck with FrozenBatchNorm2d and the same weights and inputs."""
     import torch
     import torch.nn.functional as F
     from torchvision.models.resnet import Bottleneck as TorchBottleneck
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    cin, out = shape[-1], 4 * planes
+    nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    cin, out = x.shape[-1], 4 * planes
     down = None
-    if stride != 1 or cin != out:
+    if "downsample" in convs:
         down = torch.nn.Sequential(torch.nn.Conv2d(cin, out, 1, stride, bias=False),
                                    FrozenBatchNorm2d(out))
     block = TorchBottleneck(cin, planes, stride, down, norm_layer=FrozenBatchNorm2d)
@@ -147,8 +154,8 @@ def theirs(shape, planes, stride, weights, x, dy):
             bn.bias.copy_(torch.from_numpy(weights[name]["bias"]))
             bn.running_mean.zero_()
             bn.running_var.fill_(1 - bn.eps)  # scale = weight / sqrt(var + eps) = weight
-    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-    tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+    tx = nchw(x).requires_grad_(True)
+    tdy = nchw(dy)
 
     def fwd():
         with torch.no_grad():
@@ -161,22 +168,17 @@ def theirs(shape, planes, stride, weights, x, dy):
         y.backward(tdy)
 
     y = fwd()
-    times = {"block fwd": fwd, "block fwd+bwd": fwd_bwd}
-    rng = np.random.default_rng(1)
-    for name, (k, cin_, cout, s, pad) in _convs(cin, planes, stride).items():
-        hin = shape[1] if name in ("conv1", "conv2", "downsample") else shape[1] // stride
-        win = shape[2] if name in ("conv1", "conv2", "downsample") else shape[2] // stride
-        xi = torch.from_numpy(rng.standard_normal((shape[0], hin, win, cin_)).astype(
-            np.float32).transpose(0, 3, 1, 2).copy())
+    calls = {"block fwd": fwd, "block fwd+bwd": fwd_bwd}
+    # The convs alone: their inputs need no gradient, so autograd records nothing.
+    for name, (_, _, _, s, pad, _, _) in convs.items():
+        xi, dyi = (nchw(a) for a in conv_inputs[name])
         wk = torch.from_numpy(weights[name]["kernel"].transpose(3, 2, 0, 1).copy())
-        dyi = torch.from_numpy(rng.standard_normal((shape[0], hin // s, win // s, cout)).astype(
-            np.float32).transpose(0, 3, 1, 2).copy())
-        times[f"{name} fwd"] = lambda xi=xi, wk=wk, s=s, pad=pad: F.conv2d(xi, wk, None, s, pad)
-        times[f"{name} dx"] = lambda xi=xi, wk=wk, dyi=dyi, s=s, pad=pad: (
+        calls[f"{name} fwd"] = lambda xi=xi, wk=wk, s=s, pad=pad: F.conv2d(xi, wk, None, s, pad)
+        calls[f"{name} dx"] = lambda xi=xi, wk=wk, dyi=dyi, s=s, pad=pad: (
             torch.nn.grad.conv2d_input(xi.shape, wk, dyi, s, pad))
-        times[f"{name} dw"] = lambda xi=xi, wk=wk, dyi=dyi, s=s, pad=pad: (
+        calls[f"{name} dw"] = lambda xi=xi, wk=wk, dyi=dyi, s=s, pad=pad: (
             torch.nn.grad.conv2d_weight(xi, wk.shape, dyi, s, pad))
-    return times, y.numpy().transpose(0, 2, 3, 1)
+    return calls, y.numpy().transpose(0, 2, 3, 1)
 
 
 def run(names, repeats: int) -> list[dict]:
@@ -187,47 +189,33 @@ def run(names, repeats: int) -> list[dict]:
     for name in names:
         shape, planes, stride = BLOCKS[name]
         rng = np.random.default_rng(0)
-        convs = _convs(shape[-1], planes, stride)
+        convs = _convs(shape, planes, stride)
         weights = _weights(rng, convs)
         x = rng.standard_normal(shape).astype(np.float32)
         out_shape = (shape[0], shape[1] // stride, shape[2] // stride, 4 * planes)
         dy = rng.standard_normal(out_shape).astype(np.float32)
-        ours_t, y_ours = ours(shape, planes, stride, weights, x, dy)
-        with torch.no_grad():
-            theirs_t, y_theirs = theirs(shape, planes, stride, weights, x, dy)
+        conv_inputs = _conv_inputs(rng, shape[0], convs)
+        sides = {side: fn(planes, stride, convs, weights, conv_inputs, x, dy)
+                 for side, fn in (("ours", ours), ("torch", theirs))}
+        y_ours, y_theirs = sides["ours"][1], sides["torch"][1]
         err = float(np.max(np.abs(y_ours - y_theirs)) / np.max(np.abs(y_theirs)))
-        flops = {}
-        for c, conv in convs.items():
-            s_in = shape if c in ("conv1", "conv2", "downsample") else (
-                shape[0], shape[1] // stride, shape[2] // stride, conv[1])
-            flops[c] = _conv_flops(s_in, conv)
-        block_fwd = sum(flops.values())
-        times = {k: [] for k in ours_t}
-        t_times = {k: [] for k in ours_t}
+        flops = {c: _conv_flops(shape[0], conv) for c, conv in convs.items()}
+        times = {(side, k): [] for side in sides for k in sides["ours"][0]}
         for _ in range(repeats):
-            for k in ours_t:
-                t0 = time.perf_counter()
-                ours_t[k]()
-                times[k].append(time.perf_counter() - t0)
-                if k.endswith(("dx", "dw")) or k == "block fwd+bwd":
+            for k in sides["ours"][0]:
+                for side, (calls, _) in sides.items():
                     t0 = time.perf_counter()
-                    theirs_t[k]()
-                    t_times[k].append(time.perf_counter() - t0)
-                else:
-                    with torch.no_grad():
-                        t0 = time.perf_counter()
-                        theirs_t[k]()
-                        t_times[k].append(time.perf_counter() - t0)
-        for k in ours_t:
-            part = k.split()[-1]
-            conv = k.split()[0]
-            if conv == "block":
-                gflop = block_fwd * (1 if part == "fwd" else 3) / 1e9
+                    calls[k]()
+                    times[side, k].append(time.perf_counter() - t0)
+        for k in sides["ours"][0]:
+            conv, part = k.split()
+            if conv == "block":  # forward + backward: the forward's FLOPs three times
+                gflop = sum(flops.values()) * (1 if part == "fwd" else 3) / 1e9
             else:
                 gflop = flops[conv] / 1e9
             rows.append({"block": name, "what": k, "gflop": gflop,
-                         "ours_s": float(np.median(times[k])),
-                         "torch_s": float(np.median(t_times[k])), "max_rel_err": err})
+                         "ours_s": float(np.median(times["ours", k])),
+                         "torch_s": float(np.median(times["torch", k])), "max_rel_err": err})
     return rows
 
 
