@@ -67,6 +67,45 @@ def test_sample_balanced_counts_and_randomness():
     assert int(pos.sum()) == 3 and int(neg.sum()) == 253
 
 
+def test_rank_of_smallest_is_the_stable_sort_rank_with_ties():
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 20, 3000).astype(np.float32)  # about 150 entries per value
+    full = np.empty(3000, np.int64)
+    full[np.argsort(score, kind="stable")] = np.arange(3000)
+    for k in (1, 256, 3000, 5000):
+        rank = np.asarray(jax.jit(targets.rank_of_smallest, static_argnums=1)(score, k))
+        kk = min(k, 3000)
+        np.testing.assert_array_equal(rank, np.where(full < kk, full, kk), err_msg=f"k={k}")
+
+
+def test_sample_balanced_equals_sampling_by_a_full_sort():
+    """The partial selection picks what ranking every candidate by its random draw did."""
+
+    def by_full_sort(assignment, key, num_samples, positive_fraction):
+        def rank(key, mask):
+            score = np.where(mask, np.asarray(jax.random.uniform(key, mask.shape)), 2.0)
+            r = np.empty(mask.shape, np.int64)
+            r[np.argsort(score, kind="stable")] = np.arange(mask.size)
+            return r
+
+        pos, neg = assignment == Assignment.POSITIVE, assignment == Assignment.NEGATIVE
+        kpos, kneg = jax.random.split(key)
+        num_pos = min(pos.sum(), int(num_samples * positive_fraction))
+        num_neg = min(neg.sum(), num_samples - num_pos)
+        return pos & (rank(kpos, pos) < num_pos), neg & (rank(kneg, neg) < num_neg)
+
+    rng = np.random.default_rng(1)
+    for seed, n_pos in [(0, 3), (1, 40), (2, 900)]:
+        assign = rng.permutation(
+            [Assignment.POSITIVE] * n_pos + [Assignment.NEGATIVE] * 4000 + [Assignment.IGNORE] * 300
+        ).astype(np.int32)
+        key = jax.random.key(seed)
+        got = jax.jit(targets.sample_balanced, static_argnums=(2, 3))(assign, key, 256, 0.25)
+        want = by_full_sort(assign, key, 256, 0.25)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), w, err_msg=f"seed {seed}")
+
+
 def test_roi_targets_layout():
     rng = np.random.default_rng(1)
     gt = random_boxes(rng, (4,), (200, 200), min_size=20, max_size=80)
