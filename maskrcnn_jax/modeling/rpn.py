@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskrcnn_jax.modeling.layers import ConvNorm, conv2d
+from maskrcnn_jax.modeling.layers import ConvNorm
 from maskrcnn_jax.ops import RPN_BOX_WEIGHTS, clip_boxes, decode_boxes, nms
 
 
@@ -57,38 +57,18 @@ class RPNHead(nn.Module):
             kernel_init=init,
             name="conv",
         )
-        # The objectness and box-delta convs (their own params, torchvision's names) run
-        # as one 1x1 conv of 5 * num_anchors outputs. XLA:CPU's input gradient of the
-        # 3-output product alone took 190 ms at P2 of an 800x1088 pair, three times
-        # what writing that [2, 200, 272, 256] gradient takes; the 15-output one takes
-        # about the write's time, and the two gradients need no sum.
-        a = self.num_anchors
-        cls_kernel, cls_bias = _Conv1x1Params(a, init, name="cls_logits")(self.channels)
-        box_kernel, box_bias = _Conv1x1Params(4 * a, init, name="bbox_pred")(self.channels)
-        kernel = jnp.concatenate([cls_kernel, box_kernel], axis=-1).astype(self.dtype)
-        bias = jnp.concatenate([cls_bias, box_bias]).astype(self.dtype)
+        cls = ConvNorm(self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="cls_logits")
+        box = ConvNorm(
+            4 * self.num_anchors, 1, dtype=self.dtype, kernel_init=init, name="bbox_pred"
+        )
         logits, deltas = [], []
         for x in features:
             b = x.shape[0]
-            y = conv2d(conv(x), kernel, 1, 0) + bias  # [B, h, w, 5a]
-            logits.append(y[..., :a].reshape(b, -1))  # [B, h*w*a]
-            deltas.append(y[..., a:].reshape(b, -1, 4))  # channel a*4+c -> [B, h*w*a, 4]
+            t = conv(x)
+            logits.append(cls(t).reshape(b, -1))  # [B, h*w*a]
+            deltas.append(box(t).reshape(b, -1, 4))  # channel a*4+c -> [B, h*w*a, 4]
         objectness = jnp.concatenate(logits, axis=1).astype(jnp.float32)
         return objectness, jnp.concatenate(deltas, axis=1).astype(jnp.float32)
-
-
-class _Conv1x1Params(nn.Module):
-    """The kernel [1, 1, Cin, features] and bias [features] of a 1x1 conv with bias,
-    under :class:`ConvNorm` ``norm="none"``'s names and init, for the caller to apply."""
-
-    features: int
-    kernel_init: Any
-
-    @nn.compact
-    def __call__(self, cin: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-        kernel = self.param("kernel", self.kernel_init, (1, 1, cin, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return kernel, bias
 
 
 def _top_per_level(
