@@ -72,7 +72,7 @@ def test_rank_of_smallest_is_the_stable_sort_rank_with_ties():
     score = rng.integers(0, 20, 3000).astype(np.float32)  # about 150 entries per value
     full = np.empty(3000, np.int64)
     full[np.argsort(score, kind="stable")] = np.arange(3000)
-    for k in (1, 256, 3000, 5000):
+    for k in (0, 1, 256, 3000, 5000):  # 0: int(num_samples * positive_fraction) can be 0
         rank = np.asarray(jax.jit(targets.rank_of_smallest, static_argnums=1)(score, k))
         kk = min(k, 3000)
         np.testing.assert_array_equal(rank, np.where(full < kk, full, kk), err_msg=f"k={k}")
