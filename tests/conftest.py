@@ -25,14 +25,19 @@ import pytest
 # Before anything imports jax (JAX_PLATFORMS is read at import): the jax and
 # maskrcnn_jax imports below are inside the functions.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# Cheaper CPU code generation (LLVM without its expensive passes). The tests' tiny
-# models are compile-bound: the tiny train step compiles about 2x faster and runs about
-# 1.5x slower. Float semantics do not change (XLA's CPU backend uses no fast-math at any
-# level), so no tolerance depends on it. Subprocesses inherit it; a test that sets its
-# own XLA_FLAGS keeps these (test_multiprocess.py).
+# Cheaper CPU code generation (LLVM without its expensive passes, and XLA's legacy
+# loop emitters instead of its MLIR fusion emitters). The tests' tiny models are
+# compile-bound: the first two flags make the tiny train step compile about 2x faster
+# and run about 1.5x slower; the third takes its compile from 25 s to 14-18 s more and
+# its step from 0.28 to 0.39 s (AMD EPYC Zen 3, 2 cores), and the suite from 25-27 to
+# 19 minutes. Float semantics do not change (XLA's CPU backend uses no fast-math at any
+# level), so no tolerance depends on them; only whether a multiply-add becomes an FMA
+# may differ, within each sum's rounding bound. Subprocesses inherit them; a test that
+# sets its own XLA_FLAGS keeps these (test_multiprocess.py, which drops the third).
 FAST_COMPILE_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
 )
 _flags = os.environ["XLA_FLAGS"].split()
 _names = {f.split("=")[0] for f in _flags}

@@ -46,10 +46,15 @@ def _start(workdir, data_dir, *, processes, devices, steps, log_dir, extra=()):
         os.environ,
         PYTHONPATH=ROOT,
         JAX_PLATFORMS="cpu",
-        # The session's flags (conftest.py's cheaper code generation) with this run's devices.
+        # The session's flags (conftest.py's cheaper code generation) with this run's devices,
+        # and XLA's own fusion emitters: with the legacy ones (conftest.py), 1 process x 4
+        # devices and 2 processes x 2 devices did not compute the same per-device terms (the
+        # stem kernel differed by 2.4e-6 after 3 steps, 4e-4 relative), which
+        # test_two_processes_match_one_process assumes; see also MASKRCNN_JAX_XLA_DEFAULTS.
         XLA_FLAGS=" ".join(
             [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+             if not f.startswith(("--xla_force_host_platform_device_count",
+                                  "--xla_cpu_use_fusion_emitters"))]
             + [f"--xla_force_host_platform_device_count={devices}"]
         ),
         MASKRCNN_JAX_DATA_DIR=data_dir,
