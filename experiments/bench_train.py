@@ -567,6 +567,9 @@ def main() -> None:
     parser.add_argument("--mask-prefixes", type=int, default=0,
                         help="model.mask_head_prefixes (0: the config's; 1: every slot always)")
     parser.add_argument("--recipe", choices=["r50", "shapes"], default="r50")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of both sides, one after the other; the table shows the "
+                             "round of the median ratio")
     parser.add_argument("--width", type=int, default=64, help="shapes: our backbone_width")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps on the batch before timing (default: r50 1, shapes "
@@ -576,6 +579,8 @@ def main() -> None:
                         help="count conv + matmul FLOPs per image instead of timing")
     parser.add_argument("--only", choices=["ours", "torchvision"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.flops:
         if args.only:
             run = run_ours_flops if args.only == "ours" else run_torchvision_flops
@@ -614,19 +619,33 @@ def main() -> None:
             result = run_torchvision(args.repeats, args.instances, args.warmup)
         print(json.dumps(result))
         return
-    results = {}
-    for which in ("ours", "torchvision"):
-        out = subprocess.run(
-            [sys.executable, "-m", "experiments.bench_train", "--only", which,
-             "--repeats", str(args.repeats), "--instances", str(args.instances),
-             "--mask-rois", str(args.mask_rois), "--recipe", args.recipe,
-             "--width", str(args.width), "--mask-prefixes", str(args.mask_prefixes),
-             "--warmup", str(args.warmup)],
-            check=True, capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        results[which] = json.loads(out.stdout.strip().splitlines()[-1])
-    ours, tv = results["ours"], results["torchvision"]
+    # Each round runs both sides, one after the other; with several rounds, the machine's
+    # drift between the two subprocesses (minutes apart) shows in the rounds' spread.
+    rounds = []
+    for r in range(args.rounds):
+        results = {}
+        for which in ("ours", "torchvision"):
+            out = subprocess.run(
+                [sys.executable, "-m", "experiments.bench_train", "--only", which,
+                 "--repeats", str(args.repeats), "--instances", str(args.instances),
+                 "--mask-rois", str(args.mask_rois), "--recipe", args.recipe,
+                 "--width", str(args.width), "--mask-prefixes", str(args.mask_prefixes),
+                 "--warmup", str(args.warmup)],
+                check=True, capture_output=True, text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        results["ratio"] = results["ours"]["step_s"] / results["torchvision"]["step_s"]
+        rounds.append(results)
+        if args.rounds > 1:
+            print(f"round {r + 1}: ours {results['ours']['step_s']:.2f} s, torchvision"
+                  f" {results['torchvision']['step_s']:.2f} s, ratio {results['ratio']:.2f}",
+                  flush=True)  # fmt: skip
+    # The table shows the round of the median ratio (the lower middle one of an even count).
+    middle = sorted(rounds, key=lambda res: res["ratio"])[(len(rounds) - 1) // 2]
+    ours, tv = middle["ours"], middle["torchvision"]
+    if args.rounds > 1:
+        print(f"median ratio of {args.rounds} rounds: {middle['ratio']:.2f} (the round below)")
     if args.recipe == "shapes":
         print(
             f"cpu cores={os.cpu_count()} recipe=shapes batch={SHAPES_B}"
