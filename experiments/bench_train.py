@@ -209,10 +209,11 @@ def _time_ours(config, variables, batch, repeats: int, stat, warmup: int = 1) ->
     and its static slots."""
     import jax
 
-    from maskrcnn_jax import optim, train, xla_options
+    from maskrcnn_jax import host_allocator, optim, train, xla_options
     from maskrcnn_jax.modeling import MaskRCNN
     from maskrcnn_jax.modeling.config import mask_slots_per_image
 
+    host_allocator.keep_freed_blocks()  # as the training CLI does on the CPU
     optimizer = optim.make_optimizer(config, variables["params"])
     # Jitted as in train.py: distinct buffers for the donated state's zero counters.
     init_state = lambda v, k: train.create_train_state(v, optimizer, k)

@@ -38,7 +38,7 @@ import optax
 from tqdm import tqdm
 
 from maskrcnn_jax import checkpoint as ckpt
-from maskrcnn_jax import data, optim, sharding, validation, xla_options
+from maskrcnn_jax import data, host_allocator, optim, sharding, validation, xla_options
 from maskrcnn_jax.batch import TRAIN_KEYS
 from maskrcnn_jax.metrics_writer import MetricsWriter, to_python
 from maskrcnn_jax.modeling import MaskRCNN, init_model
@@ -441,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             flag_values.process_id,
             flag_values.distributed_timeout,
         )
+        if jax.default_backend() == "cpu" and host_allocator.keep_freed_blocks():
+            logging.info("host allocator: freed large blocks are kept for reuse "
+                         "(%s=1 keeps glibc's defaults)", host_allocator.DEFAULTS_ENV)
         final = train_and_evaluate(flag_values.config, flag_values.workdir)
     except (TrainingError, ValueError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
