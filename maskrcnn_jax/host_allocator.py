@@ -8,18 +8,19 @@ step the largest is the box head's RoIAlign tap cotangent, 205 MB at width 64;
 writing it took 116 ms of a 1.0 s step in a trace. With mmap off and a high
 trim threshold, freed blocks stay in the heap and the next step reuses them:
 the step was 4-5% faster (median of 10 interleaved pairs in one process, AMD
-EPYC Zen 3, 2 cores). The cost is that the process's resident memory stays at
-its peak, as it does with torch's or JAX's own caching allocators on GPUs.
+EPYC Zen 3, 2 cores); on the R50 step (18-22 s) no effect showed either way.
+The cost is that the process's resident memory stays at its peak, as it does
+with torch's or JAX's own caching allocators on GPUs.
 
-Only the training CLI on the CPU calls :func:`keep_freed_blocks`, once at
-start-up; ``MASKRCNN_JAX_MALLOC_DEFAULTS=1`` skips it. It does nothing where
-the C library is not glibc.
+The training CLI on the CPU calls :func:`keep_freed_blocks` once at start-up,
+and ``experiments/bench_train.py``'s side of ours does too, so that it times
+what training runs; ``MASKRCNN_JAX_MALLOC_DEFAULTS=1`` skips it. It does
+nothing where the C library is not glibc.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 DEFAULTS_ENV = "MASKRCNN_JAX_MALLOC_DEFAULTS"
@@ -37,13 +38,11 @@ TOP_PAD_BYTES = 64 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    """The C library this process runs on, if it is glibc (no library search)."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols already loaded, libc's among them
         libc.gnu_get_libc_version  # noqa: B018  (raises AttributeError off glibc)
-    except (OSError, AttributeError):
+    except (OSError, TypeError, AttributeError):  # TypeError: Windows takes no None
         return None
     return libc
 

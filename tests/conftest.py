@@ -28,9 +28,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Cheaper CPU code generation (LLVM without its expensive passes, and XLA's legacy
 # loop emitters instead of its MLIR fusion emitters). The tests' tiny models are
 # compile-bound: the first two flags make the tiny train step compile about 2x faster
-# and run about 1.5x slower; the third takes its compile from 25 s to 14-18 s more and
-# its step from 0.28 to 0.39 s (AMD EPYC Zen 3, 2 cores), and the suite from 25-27 to
-# 19 minutes. Float semantics do not change (XLA's CPU backend uses no fast-math at any
+# and run about 1.5x slower; the third then cuts its compile from 25 s to 14-18 s and
+# slows its step from 0.28 to 0.39 s (AMD EPYC Zen 3, 2 cores), and took the suite's
+# tests from 25-27 to 15-19 minutes. Float semantics do not change (XLA's CPU backend uses no fast-math at any
 # level), so no tolerance depends on them; only whether a multiply-add becomes an FMA
 # may differ, within each sum's rounding bound. Subprocesses inherit them; a test that
 # sets its own XLA_FLAGS keeps these (test_multiprocess.py, which drops the third).
